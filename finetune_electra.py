@@ -209,7 +209,21 @@ def read_data_files(root):
     kinds = {DATA_SUFFIXES[Path(f).suffix] for fs in by_split.values() for f in fs}
     if len(kinds) > 1:
         raise FinetuneError(f"{root} mixes file kinds {sorted(kinds)}: keep one")
-    return load_dataset(kinds.pop(), data_files=by_split)
+    empty = [f for fs in by_split.values() for f in fs if os.path.getsize(f) == 0]
+    if empty:
+        raise FinetuneError(f"{empty[0]} is empty")
+    kind, splits = kinds.pop(), {}
+    for split, files in by_split.items():
+        try:
+            splits[split] = load_dataset(kind, data_files=files, split="train")
+        except Exception as exc:  # datasets wraps the reader's error: show the reader's
+            while exc.__cause__ or exc.__context__:
+                exc = exc.__cause__ or exc.__context__
+            if "corresponds to no data" in str(exc):
+                raise FinetuneError(f"the {split} split is empty ({', '.join(files)})") from None
+            raise FinetuneError(f"could not read the {split} files in {root} "
+                                f"({first_line(exc)})") from None
+    return DatasetDict(splits)
 
 
 def load_raw_splits(name):

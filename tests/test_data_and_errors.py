@@ -1,0 +1,145 @@
+"""Local dataset layouts, label handling, and the one-line errors a user can hit."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from datasets import Dataset, DatasetDict
+
+import finetune_electra as fe
+from conftest import ROOT, run_args, sentiment_frame
+
+
+def splits_of(path, text="text", label="label", label_names=None):
+    splits = fe.select_splits(fe.load_raw_splits(str(path)), text, label)
+    names = fe.encode_labels(splits, label, label_names)
+    return splits, names
+
+
+def test_parquet_directory(sentiment_dir):
+    splits, names = splits_of(sentiment_dir)
+    assert (len(splits["train"]), len(splits["eval"])) == (400, 200)
+    assert names == ["0", "1"]
+
+
+def test_label_names_for_integer_labels(sentiment_dir):
+    splits, names = splits_of(sentiment_dir, label_names="neg,pos")
+    assert names == ["neg", "pos"]
+    assert splits["train"].features["label"].names == ["neg", "pos"]
+
+
+def test_csv_with_string_labels_maps_them_and_stores_them_in_the_model(
+        tmp_path, tiny_model_dir, capsys):
+    for split, n in (("train", 64), ("test", 32)):
+        frame = sentiment_frame(n, seed=n)
+        frame["label"] = frame["label"].map({0: "negative", 1: "positive"})
+        frame.rename(columns={"text": "review", "label": "sentiment"}).to_csv(
+            tmp_path / f"{split}.csv", index=False)
+    fe.main(run_args(tiny_model_dir, tmp_path, tmp_path / "run", "--epochs", "1",
+                     "--text-column", "review", "--label-column", "sentiment"))
+    assert "labels: 0=negative, 1=positive" in capsys.readouterr().out
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(tmp_path / "run" / "model")
+    assert config.id2label == {0: "negative", 1: "positive"}
+    assert config.label2id == {"negative": 0, "positive": 1}
+
+
+def test_aclimdb_folder_layout(tmp_path):
+    for split in ("train", "test"):
+        for label, texts in (("neg", ["dull film", "bad plot", "awful"]), ("pos", ["great", "fun"])):
+            folder = tmp_path / "aclImdb" / split / label
+            folder.mkdir(parents=True)
+            for i, text in enumerate(texts):
+                (folder / f"{i}_7.txt").write_text(text)
+    splits, names = splits_of(tmp_path / "aclImdb")
+    assert names == ["neg", "pos"]
+    assert sorted(zip(splits["train"]["text"], splits["train"]["label"])) == [
+        ("awful", 0), ("bad plot", 0), ("dull film", 0), ("fun", 1), ("great", 1)]
+
+
+def test_save_to_disk_directory(tmp_path):
+    DatasetDict({"train": Dataset.from_pandas(sentiment_frame(10, 0)),
+                 "test": Dataset.from_pandas(sentiment_frame(6, 1))}).save_to_disk(tmp_path / "saved")
+    splits, _ = splits_of(tmp_path / "saved")
+    assert (len(splits["train"]), len(splits["eval"])) == (10, 6)
+
+
+def test_subset_is_seeded_and_only_used_splits_are_tokenized(sentiment_dir, tiny_model_dir):
+    splits, _ = splits_of(sentiment_dir)
+    a = fe.subset(splits["train"], 50, seed=1)["text"]
+    assert a == fe.subset(splits["train"], 50, seed=1)["text"]
+    assert a != fe.subset(splits["train"], 50, seed=2)["text"]
+    _, tokenizer = fe.load_model(str(tiny_model_dir), ["0", "1"])
+    args = fe.parse_args(["--max-length", "16"])
+    ds, lengths = fe.tokenize(fe.subset(splits["train"], 50, 1), tokenizer, args, "max_length")
+    assert ds.column_names == ["labels", "input_ids", "attention_mask", "length"]
+    row = ds[0]
+    assert sorted(row) == ["attention_mask", "input_ids", "labels"]
+    assert row["input_ids"].shape == (16,) and len(lengths) == 50 and max(lengths) == 16
+
+
+def cli_error(capsys, argv):
+    code = fe.cli(argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err
+    return errors[0]
+
+
+def test_missing_column_lists_the_columns(capsys, tiny_model_dir, sentiment_dir, tmp_path):
+    err = cli_error(capsys, run_args(tiny_model_dir, sentiment_dir, tmp_path, "--text-column", "review"))
+    assert "column 'review' not in the train split; its columns are: text, label" in err
+
+
+def test_empty_split(capsys, tiny_model_dir, tmp_path):
+    sentiment_frame(10, 0).to_csv(tmp_path / "train.csv", index=False)
+    sentiment_frame(10, 0).head(0).to_csv(tmp_path / "test.csv", index=False)
+    assert "the test split is empty" in cli_error(capsys, run_args(tiny_model_dir, tmp_path, tmp_path / "o"))
+
+
+def test_empty_and_unreadable_files(capsys, tiny_model_dir, tmp_path):
+    sentiment_frame(10, 0).to_parquet(tmp_path / "train.parquet")
+    (tmp_path / "test.parquet").write_bytes(b"")
+    assert "test.parquet is empty" in cli_error(capsys, run_args(tiny_model_dir, tmp_path, tmp_path / "o"))
+    (tmp_path / "test.parquet").write_bytes(b"not parquet")
+    err = cli_error(capsys, run_args(tiny_model_dir, tmp_path, tmp_path / "o"))
+    assert f"could not read the test files in {tmp_path}" in err
+
+
+def test_missing_dataset_directory_files(capsys, tiny_model_dir, tmp_path):
+    (tmp_path / "notes.txt").write_text("nothing")
+    err = cli_error(capsys, run_args(tiny_model_dir, tmp_path, tmp_path / "o"))
+    assert "holds no train/test .parquet/.csv/.json(l) files" in err
+
+
+def test_more_stages_than_layers(capsys, tiny_model_dir, sentiment_dir, tmp_path):
+    err = cli_error(capsys, run_args(tiny_model_dir, sentiment_dir, tmp_path, "--ipus", "6"))
+    assert "6 stages need at least 5 encoder layers" in err and "use --ipus 5 or fewer" in err
+
+
+def test_ipu_without_poptorch(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(fe, "poptorch", None)
+    err = cli_error(capsys, ["--device", "ipu", "--output-dir", str(tmp_path)])
+    assert "needs PopTorch, which comes with Graphcore's Poplar SDK" in err
+
+
+def test_hub_unreachable_says_so_and_points_to_local_paths(tmp_path):
+    """No network here: the default hub names must fail in one line with the way out."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    for argv, what in ((["--dataset", "imdb"], "could not load dataset 'imdb' from the Hugging Face Hub"),
+                       (["--dataset", str(tmp_path / "data"), "--model", "google/electra-small-generator"],
+                        "could not load model 'google/electra-small-generator' from the Hugging Face Hub")):
+        if "--model" in argv:
+            (tmp_path / "data").mkdir(exist_ok=True)
+            sentiment_frame(8, 0).to_parquet(tmp_path / "data" / "train.parquet")
+            sentiment_frame(8, 1).to_parquet(tmp_path / "data" / "test.parquet")
+        proc = subprocess.run([sys.executable, str(ROOT / "finetune_electra.py"), *argv,
+                               "--output-dir", str(tmp_path / "out")],
+                              capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 2
+        assert "Traceback" not in proc.stderr
+        error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(error) == 1 and what in error[0]
+        assert "--model PATH" in error[0] and "--dataset PATH" in error[0]
