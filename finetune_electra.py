@@ -226,8 +226,16 @@ def read_data_files(root):
     return DatasetDict(splits)
 
 
+def looks_like_path(name):
+    """Hub names are 'name' or 'owner/name'; anything else is meant as a local path."""
+    return (name.startswith((".", "/", "~")) or name.count("/") > 1
+            or Path(name).suffix in DATA_SUFFIXES)
+
+
 def load_raw_splits(name):
-    path = Path(name)
+    path = Path(name).expanduser()
+    if not path.exists() and looks_like_path(name):
+        raise FinetuneError(f"--dataset {name}: no such file or directory")
     if not path.exists():
         try:
             return load_dataset(name)
@@ -368,7 +376,10 @@ def pad_collate(pad_id):
 
 
 def torch_loader(ds, batches, pad_id):
-    return torch.utils.data.DataLoader(ds, batch_sampler=batches, collate_fn=pad_collate(pad_id))
+    # Its own generator: starting an epoch must not draw from the global RNG that
+    # dropout uses, or a resumed run would not replay the same dropout masks.
+    return torch.utils.data.DataLoader(ds, batch_sampler=batches, collate_fn=pad_collate(pad_id),
+                                       generator=torch.Generator())
 
 
 # ----------------------------------------------------------------------------
@@ -376,13 +387,16 @@ def torch_loader(ds, batches, pad_id):
 # ----------------------------------------------------------------------------
 
 def load_model(name, label_names):
-    path_given = Path(name).exists()
+    path_given = Path(name).expanduser().exists()
+    if not path_given and looks_like_path(name):
+        raise FinetuneError(f"--model {name}: no such directory")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForSequenceClassification.from_pretrained(
             name, num_labels=len(label_names),
             id2label=dict(enumerate(label_names)),
-            label2id={n: i for i, n in enumerate(label_names)})
+            label2id={n: i for i, n in enumerate(label_names)},
+            ignore_mismatched_sizes=True)  # a head fine-tuned for other labels starts afresh
     except OSError as exc:
         where = f"directory {name}" if path_given else f"'{name}' from the Hugging Face Hub"
         hint = "" if path_given else f"; {OFFLINE_HINT}"
@@ -617,12 +631,12 @@ def ipu_steps(training_model, inference_model):
 
 def evaluate(eval_step, loader, order, labels, bar):
     """Accuracy over every eval sample; `order` says which sample each row is."""
-    start, logits = time.perf_counter(), []
+    start, batch_predictions = time.perf_counter(), []
     for batch in loader:
-        logits.append(eval_step(batch).argmax(-1).cpu())
+        batch_predictions.append(eval_step(batch).argmax(-1).cpu())
         bar.update(1)
     predictions = np.empty(len(labels), dtype=np.int64)
-    predictions[np.asarray(order)] = torch.cat(logits).numpy()[:len(order)]
+    predictions[np.asarray(order)] = torch.cat(batch_predictions).numpy()
     seconds = time.perf_counter() - start
     return accuracy_score(labels, predictions), len(labels) / seconds
 
@@ -843,8 +857,8 @@ def train_epoch(train_step, loader, state, args, bar, checkpoint, stop):
     `checkpoint` is None on IPU: until detach the host weights are stale, so
     there is nothing to save mid-epoch, and a bad step cannot be undone.
     """
+    last = time.perf_counter()
     for batch in loader:
-        start = time.perf_counter()
         where = f"epoch {state['epoch'] + 1}, step {state['step'] + 1}"
         try:
             loss = float(train_step(batch))
@@ -856,7 +870,9 @@ def train_epoch(train_step, loader, state, args, bar, checkpoint, stop):
             tqdm.write(f"warning: loss {bad} at {where}: step skipped")
             state["skipped_steps"] += 1
             loss = None
-        state["train_seconds"] += time.perf_counter() - start
+        now = time.perf_counter()  # the step and the loading of its batch
+        state["train_seconds"] += now - last
+        last = now
         state["train_samples"] += len(batch["labels"])
         state["step"] += 1
         state["global_step"] += 1
@@ -874,6 +890,7 @@ def train_epoch(train_step, loader, state, args, bar, checkpoint, stop):
         bar.update(1)
         if checkpoint and args.save_every and state["global_step"] % args.save_every == 0:
             checkpoint()
+            last = time.perf_counter()
         if stop.signal:
             raise Interrupted(stop.signal)
 

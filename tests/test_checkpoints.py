@@ -1,0 +1,241 @@
+"""Nothing lost: checkpoints, resume after a kill or Ctrl-C, bad numbers, predict, plot."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import finetune_electra as fe
+from conftest import ROOT, run_args, sentiment_frame
+
+SCRIPT = str(ROOT / "finetune_electra.py")
+
+
+def final_weights(run_dir):
+    return load_file(run_dir / "model" / "model.safetensors")
+
+
+def assert_same_run(a, b):
+    metrics_a = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
+    metrics_b = [json.loads(line) for line in (b / "metrics.jsonl").read_text().splitlines()]
+    assert [m["accuracy"] for m in metrics_a] == [m["accuracy"] for m in metrics_b]
+    assert [m["train_loss"] for m in metrics_a] == pytest.approx(
+        [m["train_loss"] for m in metrics_b], rel=1e-5)
+    weights_a, weights_b = final_weights(a), final_weights(b)
+    assert weights_a.keys() == weights_b.keys()
+    for key in weights_a:
+        torch.testing.assert_close(weights_a[key], weights_b[key], rtol=1e-5, atol=1e-6)
+
+
+def start(argv):
+    return subprocess.Popen([sys.executable, SCRIPT, *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_checkpoint(proc, run_dir, timeout=120):
+    deadline = time.time() + timeout
+    while not fe.list_checkpoints(run_dir):
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    return fe.list_checkpoints(run_dir)[0]
+
+
+@pytest.fixture(scope="module")
+def unbroken(tiny_model_dir, sentiment_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("unbroken")
+    fe.main(run_args(tiny_model_dir, sentiment_dir, out, "--batch-size", "4", "--save-every", "10"))
+    return out
+
+
+def test_sigkill_mid_epoch_then_resume_matches_an_unbroken_run(unbroken, tiny_model_dir,
+                                                               sentiment_dir, tmp_path):
+    out = tmp_path / "killed"
+    proc = start(run_args(tiny_model_dir, sentiment_dir, out, "--batch-size", "4", "--save-every", "10"))
+    first = wait_for_checkpoint(proc, out)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    state = json.loads((first / "state.json").read_text())
+    assert state["epoch"] == 0 and state["step"] == 10  # killed mid-epoch, 100 steps per epoch
+    assert not (out / "model").exists()
+    resumed = subprocess.run([sys.executable, SCRIPT, "--resume", str(out)],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    assert_same_run(unbroken, out)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(unbroken, tiny_model_dir,
+                                                          sentiment_dir, tmp_path):
+    out = tmp_path / "interrupted"
+    proc = start(run_args(tiny_model_dir, sentiment_dir, out, "--batch-size", "4", "--save-every", "10"))
+    wait_for_checkpoint(proc, out)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert f"resume with: python {SCRIPT} --resume {out}" in stdout
+    assert "Traceback" not in stderr
+    resumed = subprocess.run([sys.executable, SCRIPT, "--resume", str(out)],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_run(unbroken, out)
+
+
+def test_a_checkpoint_killed_mid_write_leaves_the_previous_one(unbroken, monkeypatch, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(unbroken, out)
+    before = fe.list_checkpoints(out)
+    model, _ = fe.load_model(str(out / "model"), ["0", "1"])
+    optimizer = torch.optim.AdamW(model.parameters())
+    state, _ = fe.load_checkpoint(out, model, optimizer)
+
+    def dies_mid_write(tensors, path):
+        path.write_bytes(b"partial")
+        raise KeyboardInterrupt  # the process is gone at this point
+
+    monkeypatch.setattr(fe, "save_file", dies_mid_write)
+    state["global_step"] += 1
+    with pytest.raises(KeyboardInterrupt):
+        fe.save_checkpoint(out, model, optimizer, state, keep=2)
+    assert fe.list_checkpoints(out) == before  # the half-written one is not listed
+    assert (out / "checkpoints" / f".step-{state['global_step']:08d}.tmp").exists()
+    restored, path = fe.load_checkpoint(out, model, optimizer)
+    assert path == before[-1] and restored["global_step"] == state["global_step"] - 1
+
+
+def test_keep_prunes_old_checkpoints_and_state_is_json_and_safetensors(unbroken):
+    checkpoints = fe.list_checkpoints(unbroken)
+    assert [c.name for c in checkpoints] == ["step-00000190", "step-00000200"]  # --keep 2
+    assert sorted(p.name for p in checkpoints[-1].iterdir()) == [
+        "model.safetensors", "optimizer.safetensors", "state.json"]
+    state = json.loads((checkpoints[-1] / "state.json").read_text())
+    assert state["epoch"] == 2 and state["step"] == 0 and len(state["metrics"]) == 2
+    optimizer_tensors = load_file(checkpoints[-1] / "optimizer.safetensors")
+    assert "rng.torch" in optimizer_tensors and "0.exp_avg" in optimizer_tensors
+
+
+def test_predict_matches_the_in_process_model(unbroken, capsys):
+    texts = ["a great and wonderful film", "boring awful plot", "the actors were superb"]
+    fe.cli(["--predict", str(unbroken / "model"), *texts])
+    printed = [line.split("\t") for line in capsys.readouterr().out.strip().splitlines()]
+    model, tokenizer = fe.load_model(str(unbroken / "model"), ["0", "1"])
+    with torch.no_grad():
+        logits = model.eval()(**tokenizer(texts, padding=True, return_tensors="pt")).logits
+    assert [row[0] for row in printed] == [str(i) for i in logits.argmax(-1).tolist()]
+    assert [float(row[1]) for row in printed] == pytest.approx(
+        logits.softmax(-1).max(-1).values.tolist(), abs=1e-3)
+    assert [row[2] for row in printed] == texts
+
+
+def test_predict_file(unbroken, tmp_path, capsys):
+    (tmp_path / "reviews.txt").write_text("loved it\n\nhated it\n")
+    fe.cli(["--predict", str(unbroken / "model"), "--predict-file", str(tmp_path / "reviews.txt")])
+    assert [line.split("\t")[2] for line in capsys.readouterr().out.splitlines()] == [
+        "loved it", "hated it"]
+
+
+def test_curves_png_is_written(unbroken):
+    png = (unbroken / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def poisoned_forward(monkeypatch, bad_call):
+    """Make the model's loss NaN on one call."""
+    from transformers import ElectraForSequenceClassification
+    forward, calls = ElectraForSequenceClassification.forward, []
+
+    def forward_with_nan(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        calls.append(1)
+        if self.training and len(calls) == bad_call:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(ElectraForSequenceClassification, "forward", forward_with_nan)
+
+
+def test_nan_loss_stops_after_saving_the_last_good_weights(monkeypatch, capsys, tiny_model_dir,
+                                                           sentiment_dir, tmp_path):
+    poisoned_forward(monkeypatch, bad_call=5)
+    assert fe.cli(run_args(tiny_model_dir, sentiment_dir, tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "error: the loss became nan at epoch 1, step 5; kept the last good weights in" in err
+    [checkpoint] = fe.list_checkpoints(tmp_path)
+    assert json.loads((checkpoint / "state.json").read_text())["global_step"] == 4
+    weights = load_file(checkpoint / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_nan_loss_skip_drops_that_step_only(monkeypatch, tiny_model_dir, sentiment_dir, tmp_path):
+    poisoned_forward(monkeypatch, bad_call=5)
+    metrics = fe.main(run_args(tiny_model_dir, sentiment_dir, tmp_path, "--on-nan", "skip"))
+    assert [m["skipped_steps"] for m in metrics] == [1, 0]
+    assert all(torch.isfinite(w).all() for w in final_weights(tmp_path).values())
+
+
+def cli_error(capsys, argv):
+    code = fe.cli(argv)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err
+    return errors[0]
+
+
+def test_resume_without_a_checkpoint(capsys, tmp_path):
+    assert "no checkpoint there" in cli_error(capsys, ["--resume", str(tmp_path)])
+
+
+def test_resume_with_another_model(capsys, unbroken, tmp_path):
+    err = cli_error(capsys, ["--resume", str(unbroken), "--model", str(tmp_path)])
+    assert f"was trained from --model" in err and "resume it without --model" in err
+
+
+def test_output_dir_not_writable(capsys, tiny_model_dir, sentiment_dir, tmp_path):
+    (tmp_path / "file").write_text("")
+    err = cli_error(capsys, run_args(tiny_model_dir, sentiment_dir, tmp_path / "file" / "run"))
+    assert "cannot write to the output directory" in err
+
+
+def test_missing_local_paths(capsys, tiny_model_dir, sentiment_dir, tmp_path):
+    assert "--dataset ./nowhere: no such file or directory" in cli_error(
+        capsys, run_args(tiny_model_dir, "./nowhere", tmp_path))
+    assert "--model ./nowhere: no such directory" in cli_error(
+        capsys, run_args("./nowhere", sentiment_dir, tmp_path))
+
+
+def test_null_texts(capsys, tiny_model_dir, tmp_path):
+    frame = sentiment_frame(20, 0)
+    frame.loc[3, "text"] = None
+    frame.to_parquet(tmp_path / "train.parquet")
+    sentiment_frame(10, 1).to_parquet(tmp_path / "test.parquet")
+    err = cli_error(capsys, run_args(tiny_model_dir, tmp_path, tmp_path / "o"))
+    assert "the train split has empty (null) values in 'text' or 'label'" in err
+
+
+def test_single_class_is_an_error_and_three_classes_are_inferred(capsys, tiny_model_dir, tmp_path):
+    for split in ("train", "test"):
+        frame = sentiment_frame(24, 0)
+        frame["label"] = 0
+        frame.to_parquet(tmp_path / f"{split}.parquet")
+    err = cli_error(capsys, run_args(tiny_model_dir, tmp_path, tmp_path / "o"))
+    assert "the data has a single label (0): need at least 2 classes" in err
+    for split in ("train", "test"):
+        frame = sentiment_frame(24, 0)
+        frame["label"] = [i % 3 for i in range(24)]
+        frame.to_parquet(tmp_path / f"{split}.parquet")
+    fe.main(run_args(tiny_model_dir, tmp_path, tmp_path / "three", "--epochs", "1"))
+    from transformers import AutoConfig
+    assert AutoConfig.from_pretrained(tmp_path / "three" / "model").num_labels == 3
+
+
+def test_predict_errors(capsys, tmp_path):
+    assert "not a saved model" in cli_error(capsys, ["--predict", str(tmp_path), "text"])
+    assert "--predict-file nothing.txt: No such file" in cli_error(
+        capsys, ["--predict", str(tmp_path), "--predict-file", "nothing.txt"])
