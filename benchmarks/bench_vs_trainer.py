@@ -18,7 +18,9 @@ weight decay 0.01, a constant learning rate; everything else is its default.
 """
 
 import argparse
+import inspect
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,8 +48,8 @@ def parse_args():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=default_model())
     p.add_argument("--dataset", default=str(ROOT.parent / "shared" / "data" / "imdb"))
-    p.add_argument("--train-samples", type=int, default=400)
-    p.add_argument("--eval-samples", type=int, default=400)
+    p.add_argument("--train-samples", type=int, default=160)
+    p.add_argument("--eval-samples", type=int, default=160)
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=5e-5,
@@ -59,6 +61,8 @@ def parse_args():
     p.add_argument("--runs", default="trainer,trainer_grouped,ours",
                    help="comma-separated subset of the three runs")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--only", choices=["trainer", "trainer_grouped", "ours"], help=argparse.SUPPRESS)
+    p.add_argument("--out-dir", help=argparse.SUPPRESS)
     return p.parse_args()
 
 
@@ -77,6 +81,13 @@ def data_for_trainer(args, padding):
     return model, tokenizer, train.remove_columns("length"), test.remove_columns("length")
 
 
+def group_by_length(grouped):
+    """`group_by_length=True` became `train_sampling_strategy="group_by_length"` in transformers 5."""
+    if "group_by_length" in inspect.signature(TrainingArguments).parameters:
+        return {"group_by_length": grouped}
+    return {"train_sampling_strategy": "group_by_length" if grouped else "random"}
+
+
 def run_trainer(args, grouped, out_dir):
     torch.manual_seed(args.seed)  # the same fresh classifier head as ours
     model, tokenizer, train, test = data_for_trainer(args, False if grouped else "max_length")
@@ -84,7 +95,7 @@ def run_trainer(args, grouped, out_dir):
         output_dir=out_dir, per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size * 8, learning_rate=args.lr,
         weight_decay=0.01, lr_scheduler_type="constant", num_train_epochs=args.epochs,
-        seed=args.seed, group_by_length=grouped, dataloader_drop_last=True,
+        seed=args.seed, **group_by_length(grouped), dataloader_drop_last=True,
         use_cpu=args.device == "cpu", report_to=[], save_strategy="no", logging_strategy="no",
         disable_tqdm=True)
     trainer = Trainer(model=model, args=training_args, train_dataset=train,
@@ -111,8 +122,8 @@ def common_args(args):
 
 def run_ours(args, out_dir):
     metrics = fe.main(common_args(args) + ["--output-dir", out_dir, "--log-every", "50"])
-    return {"train_samples_per_s": np.mean([m["train_samples_per_s"] for m in metrics]),
-            "eval_samples_per_s": np.mean([m["eval_samples_per_s"] for m in metrics]),
+    return {"train_samples_per_s": float(np.mean([m["train_samples_per_s"] for m in metrics])),
+            "eval_samples_per_s": float(np.mean([m["eval_samples_per_s"] for m in metrics])),
             "wall_s": sum(m["seconds"] for m in metrics), "accuracy": metrics[-1]["accuracy"]}
 
 
@@ -121,12 +132,20 @@ def main():
     names = {"trainer": "Trainer (tutorial recipe, max_length)",
              "trainer_grouped": "Trainer (group_by_length, dynamic)",
              "ours": "finetune_electra.py (defaults)"}
+    if args.only:  # one run, in a process of its own
+        result = (run_ours(args, args.out_dir) if args.only == "ours"
+                  else run_trainer(args, args.only == "trainer_grouped", args.out_dir))
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+        Path(args.out_dir, "result.json").write_text(json.dumps(result))
+        return
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for run in args.runs.split(","):
+            # A fresh process per run: no run inherits another's memory, caches or threads.
             print(f"\n=== {names[run]}", flush=True)
-            results[run] = (run_ours(args, f"{tmp}/{run}") if run == "ours"
-                            else run_trainer(args, run == "trainer_grouped", f"{tmp}/{run}"))
+            subprocess.run([sys.executable, __file__, *sys.argv[1:], "--only", run,
+                            "--out-dir", f"{tmp}/{run}"], check=True)
+            results[run] = json.loads(Path(tmp, run, "result.json").read_text())
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     print(f"\nmodel {args.model}, {args.train_samples} train / {args.eval_samples} eval samples, "
           f"max length {args.max_length}, batch {args.batch_size}, lr {args.lr}, "
