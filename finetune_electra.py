@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from sklearn.metrics import accuracy_score
 from tqdm.auto import tqdm
 
@@ -104,7 +105,10 @@ def build_parser():
     ipu.add_argument("--ipus", "--stages", dest="stages", type=int, default=4,
                      help="pipeline stages: IPUs on IPU, ranks per pipeline under torchrun")
     ipu.add_argument("--device-iterations", type=int, default=8,
-                     help="IPU: steps run on the device per call from the host")
+                     help="IPU: steps run on the device per call from the host; "
+                     "torchrun pipeline: micro-batches per eval batch")
+    ipu.add_argument("--schedule", choices=["gpipe", "1f1b"], default="1f1b",
+                     help="torchrun pipeline schedule")
 
     out = p.add_argument_group("results and checkpoints")
     out.add_argument("--output-dir", default=None, help="default: runs/<timestamp>")
@@ -572,7 +576,171 @@ def ipu_models(model, args, accumulation, train_ds, eval_ds):
 
 
 # ----------------------------------------------------------------------------
-# 8. Training and validation: one loop for every device.
+# 8. More devices with torchrun: pipeline stages and replicas on GPUs or CPUs.
+#
+# Under `torchrun --nproc-per-node N finetune_electra.py --stages S` every
+# process is one rank, switched on by torchrun's environment as in nanoGPT.
+# The N ranks form N / S replicas of an S-stage pipeline (rank = replica x S +
+# stage), as PopTorch replicates a pipelined model. The tutorial's IPU ideas map
+# onto torch.distributed like this:
+#   BeginBlock(module, ipu_id=s)       SplitPoint.BEGINNING at stage s's first module
+#   Training.gradientAccumulation(M)   the schedule's M micro-batches per optimizer step
+#   deviceIterations(D), anchorMode    eval batches of D micro-batches; every rank's
+#     (All)                            predictions gathered, as anchorMode All returns all
+#   replicationFactor(R)               R replicas (DDP, or gradients all-reduced per stage)
+# With S = 1 this is plain DistributedDataParallel.
+# ----------------------------------------------------------------------------
+
+class Ranks:
+    """Where this process sits: its rank, pipeline stage and replica."""
+
+    def __init__(self, rank=0, world=1, stages=1):
+        self.enabled = world > 1 or "RANK" in os.environ
+        self.rank, self.world, self.stages = rank, world, stages
+        self.replicas = world // stages
+        self.stage, self.replica = rank % stages, rank // stages
+        self.is_main = rank == 0
+        self.pp_group = self.dp_group = None
+        self.device = torch.device("cpu")  # where collectives' tensors live
+
+
+def setup_distributed(args, device):
+    if "RANK" not in os.environ:
+        return Ranks()
+    world = int(os.environ["WORLD_SIZE"])
+    if device == "ipu":
+        raise FinetuneError("torchrun is for CUDA and CPU; on IPUs, PopTorch replicates the model")
+    if world % args.stages:
+        raise FinetuneError(f"{world} processes cannot hold whole {args.stages}-stage pipelines: "
+                            f"use --stages 1 (data parallel only) or a divisor of {world}")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    ranks = Ranks(dist.get_rank(), world, args.stages)
+    ranks.device = device
+    for replica in range(ranks.replicas):  # every rank creates every group, in order
+        group = dist.new_group(list(range(replica * args.stages, (replica + 1) * args.stages)))
+        ranks.pp_group = group if replica == ranks.replica else ranks.pp_group
+    for stage in range(args.stages):
+        group = dist.new_group(list(range(stage, world, args.stages)))
+        ranks.dp_group = group if stage == ranks.stage else ranks.dp_group
+    return ranks
+
+
+def mean_over_replicas(value, ranks):
+    """A loss as the whole optimizer step saw it: averaged over the replicas."""
+    if ranks.replicas > 1:
+        value = value.clone()
+        dist.all_reduce(value, group=ranks.dp_group)
+        value /= ranks.replicas
+    return value
+
+
+@contextlib.contextmanager
+def main_process_first(ranks):
+    """Rank 0 tokenizes first and fills the datasets cache; the others read it."""
+    if ranks.enabled and not ranks.is_main:
+        dist.barrier()
+    yield
+    if ranks.enabled and ranks.is_main:
+        dist.barrier()
+
+
+class LogitsOnly(torch.nn.Module):
+    """What the pipeline traces: token ids and mask in, logits out (the schedule owns the loss)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def trace_pipeline(wrapped, plan, example):
+    from torch.distributed.pipelining import SplitPoint, pipeline
+    first_of_stage = {}
+    for name, stage in plan:
+        first_of_stage.setdefault(stage, f"model.{name}")
+    split_spec = {name: SplitPoint.BEGINNING for stage, name in first_of_stage.items() if stage}
+    pipe = pipeline(wrapped, mb_args=example, split_spec=split_spec)
+    for name in split_spec:  # pipeline() wrapped these forwards in place: undo it for the next trace
+        module = wrapped.get_submodule(name)
+        del module.forward, module._orig_forward
+    return pipe
+
+
+def pipeline_steps(model, plan, args, ranks, device, accumulation):
+    """This rank's stage of the model, trained and evaluated by pipeline schedules.
+
+    The model is traced with static shapes (one micro-batch of --max-length
+    tokens), like an IPU graph, and once per mode: dropout is part of the trace.
+    Both traces share the model's weights.
+    """
+    from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
+    wrapped = LogitsOnly(model)
+    example = (torch.zeros(args.batch_size, args.max_length, dtype=torch.long),
+               torch.ones(args.batch_size, args.max_length, dtype=torch.long))
+    stages = {}
+    for training in (True, False):
+        wrapped.train(training)
+        pipe = trace_pipeline(wrapped, plan, example)
+        stages[training] = pipe.build_stage(ranks.stage, device, group=ranks.pp_group)
+    stage_module = stages[True].submod
+    optimizer = torch.optim.AdamW(stage_module.parameters(), lr=args.lr, fused=True)
+    # The loss is averaged per micro-batch and the schedule divides the summed
+    # gradients by the micro-batch count: one mean over the step's samples.
+    schedule = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[args.schedule](
+        stages[True], n_microbatches=accumulation, loss_fn=torch.nn.functional.cross_entropy)
+    eval_schedule = ScheduleGPipe(stages[False], n_microbatches=args.device_iterations)
+    first, last = ranks.stage == 0, ranks.stage == ranks.stages - 1
+
+    def inputs(batch):
+        return (batch["input_ids"].to(device), batch["attention_mask"].to(device)) if first else ()
+
+    def train_step(batch):
+        losses = []
+        schedule.step(*inputs(batch), target=batch["labels"].to(device) if last else None,
+                      losses=losses)
+        # Only last stages know the loss: every rank gets the mean over replicas.
+        loss = torch.stack(losses).mean().detach() if last else torch.zeros((), device=device)
+        dist.all_reduce(loss)
+        loss /= ranks.replicas
+        if not torch.isfinite(loss):  # before the update: the weights stay good
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLoss(loss.item())
+        if ranks.replicas > 1:
+            for param in stage_module.parameters():
+                if param.grad is not None:
+                    dist.all_reduce(param.grad, group=ranks.dp_group)
+                    param.grad /= ranks.replicas
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    @torch.no_grad()
+    def eval_step(batch):
+        logits = eval_schedule.step(*inputs(batch))
+        return logits if last else None
+
+    return train_step, eval_step, optimizer, stage_module
+
+
+def gather_pipeline_weights(model, stage_module, ranks):
+    """Each stage trained its own weights: bring them all into rank 0's model."""
+    mine = {} if ranks.replica else {name.removeprefix("model."): value.detach().cpu()
+                                     for name, value in stage_module.state_dict().items()}
+    everyone = [None] * ranks.world
+    dist.all_gather_object(everyone, mine)
+    weights = {name: value for part in everyone for name, value in part.items()}
+    missing = [name for name, _ in model.named_parameters() if name not in weights]
+    if missing:
+        raise RuntimeError(f"no pipeline stage holds {missing[:3]}")
+    model.load_state_dict(weights, strict=False)
+
+
+# ----------------------------------------------------------------------------
+# 9. Training and validation: one loop for every device.
 #
 # A "step" function hides what differs: on IPU the training model runs the
 # forward, backward and optimizer step itself on a whole host batch; on CUDA
@@ -583,7 +751,7 @@ class NonFiniteLoss(Exception):
     pass
 
 
-def torch_steps(model, optimizer, device, accumulation, autocast_dtype):
+def torch_steps(model, eval_model, optimizer, device, accumulation, autocast_dtype, dist_ctx):
     autocast = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype \
         else contextlib.nullcontext
 
@@ -592,25 +760,30 @@ def torch_steps(model, optimizer, device, accumulation, autocast_dtype):
         model.train()
         total = 0.0
         # Gradient accumulation: the step's batch is cut into micro-batches whose
-        # gradients add up before one optimizer step, as on the IPU.
-        for micro in zip(*(v.chunk(accumulation) for v in batch.values())):
-            with autocast():
-                loss = model(**dict(zip(batch, micro))).loss / accumulation
-            if not torch.isfinite(loss):  # checked before the update: weights stay good
-                optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteLoss(loss.item())
-            loss.backward()
-            total += loss.detach()
+        # gradients add up before one optimizer step, as on the IPU. Under DDP the
+        # gradients are averaged over the replicas once, with the last micro-batch.
+        micro_batches = list(zip(*(v.chunk(accumulation) for v in batch.values())))
+        for i, micro in enumerate(micro_batches):
+            no_sync = getattr(model, "no_sync", None) if i < len(micro_batches) - 1 else None
+            with no_sync() if no_sync else contextlib.nullcontext():
+                with autocast():
+                    loss = model(**dict(zip(batch, micro))).loss / accumulation
+                seen = mean_over_replicas(loss.detach(), dist_ctx)
+                if not torch.isfinite(seen):  # before the update: the weights stay good
+                    optimizer.zero_grad(set_to_none=True)
+                    raise NonFiniteLoss(seen.item())
+                loss.backward()
+            total += seen
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return total
 
     @torch.inference_mode()
     def eval_step(batch):
-        model.eval()
+        eval_model.eval()
         with autocast():
-            return model(input_ids=batch["input_ids"].to(device),
-                         attention_mask=batch["attention_mask"].to(device)).logits.float()
+            return eval_model(input_ids=batch["input_ids"].to(device),
+                              attention_mask=batch["attention_mask"].to(device)).logits.float()
 
     return train_step, eval_step
 
@@ -629,14 +802,29 @@ def ipu_steps(training_model, inference_model):
     return train_step, eval_step
 
 
-def evaluate(eval_step, loader, order, labels, bar):
-    """Accuracy over every eval sample; `order` says which sample each row is."""
+def evaluate(eval_step, loader, order, labels, bar, dist_ctx):
+    """Accuracy over every eval sample; `order` says which sample each row is.
+
+    Every rank predicts its share of the batches; all predictions are gathered
+    (the analog of anchorMode All) and each sample must be predicted at least
+    once: repeats, from padding to whole batches, are the same sample's.
+    """
     start, batch_predictions = time.perf_counter(), []
     for batch in loader:
-        batch_predictions.append(eval_step(batch).argmax(-1).cpu())
+        logits = eval_step(batch)
+        if logits is not None:  # None: a pipeline stage before the last
+            batch_predictions.append(logits.argmax(-1).cpu())
         bar.update(1)
-    predictions = np.empty(len(labels), dtype=np.int64)
-    predictions[np.asarray(order)] = torch.cat(batch_predictions).numpy()
+    mine = [(order, torch.cat(batch_predictions).numpy())] if batch_predictions else []
+    if dist_ctx.enabled:
+        everyone = [None] * dist_ctx.world
+        dist.all_gather_object(everyone, mine)
+        mine = [part for parts in everyone for part in parts]
+    predictions = np.full(len(labels), -1, dtype=np.int64)
+    for indices, predicted in mine:
+        predictions[np.asarray(indices)] = predicted
+    if (predictions < 0).any():
+        raise RuntimeError(f"{(predictions < 0).sum()} eval samples got no prediction")
     seconds = time.perf_counter() - start
     return accuracy_score(labels, predictions), len(labels) / seconds
 
@@ -657,9 +845,17 @@ class StopRequest:
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
 
+    def requested(self, ranks):
+        """Whether to stop now; under torchrun all ranks agree, so they stop at one step."""
+        if not ranks.enabled:
+            return self.signal is not None
+        flag = torch.tensor([self.signal is not None], dtype=torch.int32, device=ranks.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag)
+
 
 # ----------------------------------------------------------------------------
-# 9. Checkpoints: atomic, safetensors + JSON, never a pickle.
+# 10. Checkpoints: atomic, safetensors + JSON, never a pickle.
 #
 # Each checkpoint is written into a hidden temporary directory, flushed to
 # disk, and renamed into place: a kill mid-write leaves the previous one whole.
@@ -771,12 +967,13 @@ def resolve_resume_dir(value):
 
 
 # ----------------------------------------------------------------------------
-# 10. Results: metrics per epoch, the loss/accuracy plot, the final model.
+# 11. Results: metrics per epoch, the loss/accuracy plot, the final model.
 # ----------------------------------------------------------------------------
 
 def write_results(out_dir, state):
     with open(out_dir / "metrics.jsonl", "w") as f:
         f.writelines(json.dumps(m) + "\n" for m in state["metrics"])
+    (out_dir / "loss_curve.json").write_text(json.dumps(state["loss_curve"]))
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
@@ -794,7 +991,7 @@ def write_results(out_dir, state):
 
 
 # ----------------------------------------------------------------------------
-# 11. Prediction with a fine-tuned model.
+# 12. Prediction with a fine-tuned model.
 # ----------------------------------------------------------------------------
 
 @torch.inference_mode()
@@ -826,7 +1023,7 @@ def read_lines(path):
 
 
 # ----------------------------------------------------------------------------
-# 12. main(): the tutorial's steps in order.
+# 13. main(): the tutorial's steps in order.
 # ----------------------------------------------------------------------------
 
 class Interrupted(Exception):
@@ -851,11 +1048,11 @@ def new_state():
             "metrics": [], "loss_curve": []}
 
 
-def train_epoch(train_step, loader, state, args, bar, checkpoint, stop):
+def train_epoch(train_step, loader, state, args, bar, checkpoint, stop, ranks):
     """One pass over the training batches; `state` is what a checkpoint needs to continue.
 
-    `checkpoint` is None on IPU: until detach the host weights are stale, so
-    there is nothing to save mid-epoch, and a bad step cannot be undone.
+    `checkpoint` is None where the host has no current weights mid-epoch (IPU:
+    they come back on detach) or no single copy of them (a torchrun pipeline).
     """
     last = time.perf_counter()
     for batch in loader:
@@ -863,17 +1060,18 @@ def train_epoch(train_step, loader, state, args, bar, checkpoint, stop):
         try:
             loss = float(train_step(batch))
         except NonFiniteLoss as bad:
-            if args.on_nan == "stop" or checkpoint is None:
-                saved = checkpoint() if checkpoint else "the last epoch's checkpoint"
-                raise FinetuneError(f"the loss became {bad} at {where}; kept the last good weights "
-                                    f"in {saved}. Lower --lr, or pass --on-nan skip") from None
-            tqdm.write(f"warning: loss {bad} at {where}: step skipped")
+            if args.on_nan == "stop" or args.device == "ipu":  # an IPU has already applied it
+                saved = f"; kept the last good weights in {checkpoint()}" if checkpoint else ""
+                raise FinetuneError(f"the loss became {bad} at {where}{saved}. "
+                                    "Lower --lr, or pass --on-nan skip") from None
+            if ranks.is_main:
+                tqdm.write(f"warning: loss {bad} at {where}: step skipped")
             state["skipped_steps"] += 1
             loss = None
         now = time.perf_counter()  # the step and the loading of its batch
         state["train_seconds"] += now - last
         last = now
-        state["train_samples"] += len(batch["labels"])
+        state["train_samples"] += len(batch["labels"]) * ranks.replicas
         state["step"] += 1
         state["global_step"] += 1
         if loss is not None:
@@ -891,8 +1089,8 @@ def train_epoch(train_step, loader, state, args, bar, checkpoint, stop):
         if checkpoint and args.save_every and state["global_step"] % args.save_every == 0:
             checkpoint()
             last = time.perf_counter()
-        if stop.signal:
-            raise Interrupted(stop.signal)
+        if stop.requested(ranks):
+            raise Interrupted(stop.signal or "another rank's signal")
 
 
 def main(argv=None):
@@ -907,42 +1105,68 @@ def main(argv=None):
     device = pick_device(args.device)
     on_ipu = device == "ipu"
     args.device = "ipu" if on_ipu else device.type
-    padding = args.padding if args.padding != "auto" else "max_length" if on_ipu else "dynamic"
-    if on_ipu and padding == "dynamic":
-        raise FinetuneError("--padding dynamic is for CUDA/CPU: IPU graphs need static shapes")
+    ranks = setup_distributed(args, device)
+    try:
+        return finetune(args, device, ranks)
+    finally:
+        if ranks.enabled:
+            dist.destroy_process_group()
+
+
+def finetune(args, device, ranks):
+    on_ipu, pipelined = args.device == "ipu", ranks.stages > 1
+    say = print if ranks.is_main else lambda *_, **__: None
+    if not ranks.is_main:  # one voice: rank 0 speaks for all
+        datasets.disable_progress_bars()
+        transformers.logging.set_verbosity_error()
+    static = on_ipu or pipelined  # IPU graphs and traced pipelines have fixed shapes
+    padding = args.padding if args.padding != "auto" else "max_length" if static else "dynamic"
+    if static and padding == "dynamic":
+        raise FinetuneError("--padding dynamic is for CUDA/CPU without pipeline stages: IPU "
+                            "graphs and traced pipelines need static shapes")
     if on_ipu and args.device_iterations < args.stages:
         raise FinetuneError(f"--device-iterations {args.device_iterations} cannot fill a "
                             f"{args.stages}-stage pipeline: use at least {args.stages}")
+    if pipelined and args.resume:
+        raise FinetuneError("--resume works for single-process and data-parallel runs; "
+                            "torchrun pipeline runs write no checkpoints")
     group_by_length = args.group_by_length == "yes" or (
         args.group_by_length == "auto" and padding == "dynamic")
     accumulation = args.gradient_accumulation or (
-        2 * args.stages - 1 if on_ipu and args.stages > 1 else 1)
+        2 * args.stages - 1 if (on_ipu or pipelined) and args.stages > 1 else 1)
     step_batch = args.batch_size * accumulation
-    eval_batch_size = args.eval_batch_size or args.batch_size * args.device_iterations
-    out_dir = prepare_output_dir(args)
+    out_dir = prepare_output_dir(args) if ranks.is_main else Path(args.output_dir or ".")
+    if ranks.enabled:  # every rank writes to rank 0's directory
+        shared = [str(out_dir)]
+        dist.broadcast_object_list(shared)
+        out_dir = Path(shared[0])
     seed_everything(args.seed)
 
     # --- Data: load, check, label, subset, tokenize (only the splits we use).
-    splits = select_splits(load_raw_splits(args.dataset), args.text_column, args.label_column)
-    label_names = encode_labels(splits, args.label_column, args.label_names)
-    print("labels: " + ", ".join(f"{i}={name}" for i, name in enumerate(label_names)))
-    model, tokenizer = load_model(args.model, label_names)
-    tokenize_padding = "max_length" if padding == "max_length" else False
-    train_ds, train_lengths = tokenize(subset(splits["train"], args.train_samples, args.seed),
-                                       tokenizer, args, tokenize_padding)
-    eval_ds, eval_lengths = tokenize(subset(splits["eval"], args.eval_samples, args.seed),
-                                     tokenizer, args, tokenize_padding)
-    if len(train_ds) < step_batch:
+    with main_process_first(ranks):
+        splits = select_splits(load_raw_splits(args.dataset), args.text_column, args.label_column)
+        label_names = encode_labels(splits, args.label_column, args.label_names)
+        say("labels: " + ", ".join(f"{i}={name}" for i, name in enumerate(label_names)))
+        model, tokenizer = load_model(args.model, label_names)
+        tokenize_padding = "max_length" if padding == "max_length" else False
+        train_ds, train_lengths = tokenize(subset(splits["train"], args.train_samples, args.seed),
+                                           tokenizer, args, tokenize_padding)
+        eval_ds, eval_lengths = tokenize(subset(splits["eval"], args.eval_samples, args.seed),
+                                         tokenizer, args, tokenize_padding)
+    if len(train_ds) < step_batch * ranks.replicas:
         raise FinetuneError(f"the train split has {len(train_ds)} samples, fewer than one "
-                            f"optimizer step's batch ({step_batch})")
+                            f"optimizer step's batch ({step_batch * ranks.replicas})")
     eval_labels = eval_ds.with_format("numpy", columns=["labels"])["labels"][:]
 
     # --- Model: where each part runs.
     plan = plan_stages(model, args.stages)
-    print(f"pipeline stage plan ({args.stages} stages" +
-          (", applied with poptorch.BeginBlock)" if on_ipu else ", used on IPU or under torchrun)"))
-    print(stage_table(model, plan))
+    used_by = ("applied with poptorch.BeginBlock" if on_ipu else
+               f"one stage per rank, {ranks.replicas} replica(s)" if pipelined else
+               "used on IPU or by torchrun with --stages > 1")
+    say(f"pipeline stage plan ({args.stages} stages, {used_by})")
+    say(stage_table(model, plan))
 
+    stage_module = None
     if on_ipu:
         place_on_ipus(model, plan)
         training_model, inference_model, optimizer, train_loader, eval_loader = ipu_models(
@@ -950,58 +1174,87 @@ def main(argv=None):
         train_step, eval_step = ipu_steps(training_model, inference_model)
         eval_order = padded_indices(len(eval_ds), args.batch_size * args.device_iterations)
         steps_per_epoch = len(train_loader)
-        print(f"IPU: host batch {args.batch_size} x {args.device_iterations} device iterations x "
-              f"{accumulation} accumulated = {args.batch_size * args.device_iterations * accumulation} "
-              f"samples; {step_batch} samples per optimizer step")
+        say(f"IPU: host batch {args.batch_size} x {args.device_iterations} device iterations x "
+            f"{accumulation} accumulated = {args.batch_size * args.device_iterations * accumulation} "
+            f"samples; {step_batch} samples per optimizer step")
     else:
-        model.to(device)
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        # The fused AdamW kernel updates all weights in one pass: on CPU it takes a
-        # fifth of the time of the default (foreach) one, the same update.
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
-        bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and device.type == "cuda")
-        train_step, eval_step = torch_steps(torch.compile(model) if args.compile else model,
-                                            optimizer, device, accumulation,
-                                            torch.bfloat16 if bf16 else None)
-        eval_batch_list = eval_batches(eval_lengths, eval_batch_size)
-        eval_order = [i for batch in eval_batch_list for i in batch]
-        eval_loader = torch_loader(eval_ds, eval_batch_list, tokenizer.pad_token_id)
-        steps_per_epoch = len(train_lengths) // step_batch
+        if pipelined:
+            train_step, eval_step, optimizer, stage_module = pipeline_steps(
+                model, plan, args, ranks, device, accumulation)
+            # Static shapes: eval batches of device-iterations micro-batches, the
+            # last one padded with repeats (their predictions are the same).
+            eval_batch_size = args.batch_size * args.device_iterations
+            padded = padded_indices(len(eval_ds), eval_batch_size)
+            eval_batch_list = [padded[i:i + eval_batch_size]
+                               for i in range(0, len(padded), eval_batch_size)]
+        else:
+            model.to(device)
+            train_model = model
+            if ranks.enabled:
+                train_model = torch.nn.parallel.DistributedDataParallel(
+                    model, device_ids=[device.index] if device.type == "cuda" else None)
+            # The fused AdamW kernel updates all weights in one pass: on CPU it takes a
+            # fifth of the time of the default (foreach) one, the same update.
+            optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
+            bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and device.type == "cuda")
+            train_step, eval_step = torch_steps(
+                torch.compile(train_model) if args.compile else train_model, model, optimizer,
+                device, accumulation, torch.bfloat16 if bf16 else None, ranks)
+            eval_batch_list = eval_batches(eval_lengths, args.eval_batch_size or
+                                           args.batch_size * args.device_iterations)
+        my_eval_batches = eval_batch_list[ranks.replica::ranks.replicas]
+        eval_order = [i for batch in my_eval_batches for i in batch]
+        eval_loader = torch_loader(eval_ds, my_eval_batches, tokenizer.pad_token_id)
+        steps_per_epoch = len(train_lengths) // (step_batch * ranks.replicas)
+        if ranks.enabled:
+            say(f"torchrun: {ranks.world} ranks = {ranks.replicas} replica(s) x {ranks.stages} "
+                f"stage(s); {step_batch * ranks.replicas} samples per optimizer step")
 
     state = new_state()
     if args.resume:
         state, path = load_checkpoint(out_dir, model, optimizer)
-        print(f"resumed from {path} (epoch {state['epoch'] + 1}, step {state['step']})")
+        say(f"resumed from {path} (epoch {state['epoch'] + 1}, step {state['step']})")
 
-    def checkpoint():
-        return save_checkpoint(out_dir, model, optimizer, state, args.keep)
+    def save():
+        if ranks.is_main:
+            path = save_checkpoint(out_dir, model, optimizer, state, args.keep)
+        if ranks.enabled:
+            dist.barrier()
+        return list_checkpoints(out_dir)[-1]
+
+    mid_epoch_checkpoint = None if on_ipu or pipelined else save
 
     # --- Train and validate: one progress bar over every iteration, as the tutorial.
     iterations = steps_per_epoch + len(eval_loader)
     bar = tqdm(total=args.epochs * iterations, initial=state["epoch"] * iterations + state["step"],
-               desc=f"{args.device} training", unit="it")
+               desc=f"{args.device} training", unit="it", disable=not ranks.is_main)
     stop = StopRequest()
     try:
         for epoch in range(state["epoch"], args.epochs):
             epoch_start = time.perf_counter()
             if on_ipu:
                 training_model.attachToDevice()
-                train_epoch(train_step, train_loader, state, args, bar, None, stop)
+                train_epoch(train_step, train_loader, state, args, bar, None, stop, ranks)
                 training_model.detachFromDevice()  # copies the trained weights to the host
                 inference_model.attachToDevice()
             else:
-                if state["batches"] is None:
-                    state["batches"] = train_batches(train_lengths, step_batch, args.seed, epoch,
-                                                     group_by_length)
-                loader = torch_loader(train_ds, state["batches"][state["step"]:],
+                if state["batches"] is None:  # every replica's batches, in the checkpoint
+                    state["batches"] = train_batches(train_lengths, step_batch * ranks.replicas,
+                                                     args.seed, epoch, group_by_length)
+                share = slice(ranks.replica * step_batch, (ranks.replica + 1) * step_batch)
+                loader = torch_loader(train_ds, [batch[share] for batch in
+                                                 state["batches"][state["step"]:]],
                                       tokenizer.pad_token_id)
-                train_epoch(train_step, loader, state, args, bar, checkpoint, stop)
-            accuracy, eval_rate = evaluate(eval_step, eval_loader, eval_order, eval_labels, bar)
+                train_epoch(train_step, loader, state, args, bar, mid_epoch_checkpoint, stop, ranks)
+            accuracy, eval_rate = evaluate(eval_step, eval_loader, eval_order, eval_labels, bar,
+                                           ranks)
             if on_ipu:
                 inference_model.detachFromDevice()
-            tqdm.write(f"Accuracy: {accuracy:.3f}")
+            if ranks.is_main:
+                tqdm.write(f"Accuracy: {accuracy:.3f}")
             state["metrics"].append({
                 "epoch": epoch + 1,
                 "train_loss": state["loss_sum"] / max(state["loss_steps"], 1),
@@ -1013,20 +1266,25 @@ def main(argv=None):
             })
             state.update(epoch=epoch + 1, step=0, batches=None, loss_sum=0.0, loss_steps=0,
                          train_samples=0, train_seconds=0.0, skipped_steps=0)
-            write_results(out_dir, state)
-            checkpoint()
+            if ranks.is_main:
+                write_results(out_dir, state)
+            if not pipelined:
+                save()
     except Interrupted as why:
-        path = checkpoint() if not on_ipu else list_checkpoints(out_dir)[-1:]
+        path = save() if mid_epoch_checkpoint else (list_checkpoints(out_dir) or ["none"])[-1]
         bar.close()
-        print(f"\nstopped by {why} at epoch {state['epoch'] + 1}, step {state['step']}; "
-              f"checkpoint: {path}\nresume with: python {sys.argv[0]} --resume {out_dir}")
+        say(f"\nstopped by {why} at epoch {state['epoch'] + 1}, step {state['step']}; "
+            f"checkpoint: {path}\nresume with: python {sys.argv[0]} --resume {out_dir}")
         raise SystemExit(130) from None
     bar.close()
 
     # --- Save the fine-tuned model (on IPU the host copy, refreshed by detach).
-    model.save_pretrained(out_dir / "model")
-    tokenizer.save_pretrained(out_dir / "model")
-    print(f"model, metrics.jsonl and curves.png in {out_dir}")
+    if pipelined:
+        gather_pipeline_weights(model, stage_module, ranks)
+    if ranks.is_main:
+        model.save_pretrained(out_dir / "model")
+        tokenizer.save_pretrained(out_dir / "model")
+        say(f"model, metrics.jsonl and curves.png in {out_dir}")
     return state["metrics"]
 
 

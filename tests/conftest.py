@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny random ELECTRA, a learnable synthetic sentiment set,
 the real MiniLM and IMDB where present. Nothing here touches the network."""
 
+import json
 import os
 import random
 import sys
@@ -84,3 +85,13 @@ def run_args(model_dir, data_dir, out_dir, *extra):
     return ["--model", str(model_dir), "--dataset", str(data_dir), "--output-dir", str(out_dir),
             "--max-length", "64", "--lr", "1e-3", "--batch-size", "8", "--epochs", "2",
             "--device", "cpu", *extra]
+
+
+def cpu_accuracy(out):
+    """Accuracy of a run's saved model on the run's eval subset, in this one process."""
+    args = json.loads((out / "args.json").read_text())
+    splits = fe.select_splits(fe.load_raw_splits(args["dataset"]), "text", "label")
+    eval_split = fe.subset(splits["eval"], args["eval_samples"], args["seed"])
+    predicted = [label for label, _ in fe.predict(out / "model", eval_split["text"],
+                                                  args["max_length"])]
+    return sum(p == str(y) for p, y in zip(predicted, eval_split["label"])) / len(eval_split)

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 import finetune_electra as fe
-from conftest import run_args
+from conftest import cpu_accuracy, run_args
 
 IPU_ARGS = ["--device", "ipu", "--device-iterations", "4", "--batch-size", "4",
             "--train-samples", "224", "--eval-samples", "50", "--max-length", "32"]
@@ -63,15 +63,6 @@ def test_training_changes_weights_and_inference_sees_them(ipu_run, tiny_model_di
     assert metrics[-1]["accuracy"] == pytest.approx(cpu_accuracy(out), abs=1e-9)
 
 
-def cpu_accuracy(out):
-    """Accuracy of the saved host model on the same eval subset, computed without PopTorch."""
-    args = fe.parse_args(["--resume", str(out)])
-    splits = fe.select_splits(fe.load_raw_splits(args.dataset), "text", "label")
-    eval_split = fe.subset(splits["eval"], args.eval_samples, args.seed)
-    predicted = [label for label, _ in fe.predict(out / "model", eval_split["text"], args.max_length)]
-    return sum(p == str(y) for p, y in zip(predicted, eval_split["label"])) / len(eval_split)
-
-
 def test_eval_with_output_mode_all_returns_every_sample(fake_poptorch, tiny_model_dir):
     model, _ = fe.load_model(str(tiny_model_dir), ["0", "1"])
     opts = fe.ipu_options(fe.parse_args(["--device-iterations", "8"]), 1, training=False)
@@ -112,5 +103,5 @@ def test_device_iterations_must_fill_the_pipeline(fake_poptorch, tiny_model_dir,
 
 
 def test_ipu_runs_with_static_shapes_only(fake_poptorch, tiny_model_dir, sentiment_dir, tmp_path):
-    with pytest.raises(fe.FinetuneError, match="IPU graphs need static shapes"):
+    with pytest.raises(fe.FinetuneError, match="IPU graphs and traced pipelines need static shapes"):
         fe.main(run_args(tiny_model_dir, sentiment_dir, tmp_path, *IPU_ARGS, "--padding", "dynamic"))

@@ -1,0 +1,95 @@
+"""torchrun on CPUs (gloo): data parallel and pipeline stages give the single-process run."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import finetune_electra as fe
+from conftest import ROOT, cpu_accuracy, tiny_electra
+
+# Micro-batches of 2 and 8 samples per optimizer step in every layout, the same
+# batches in the same order, static padding, no dropout: the runs must agree.
+COMMON = ["--max-length", "32", "--padding", "max_length", "--group-by-length", "no",
+          "--train-samples", "96", "--eval-samples", "50", "--epochs", "2", "--lr", "1e-3",
+          "--batch-size", "2", "--device-iterations", "4", "--log-every", "1", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def deterministic_model_dir(tmp_path_factory, tiny_model_dir):
+    from transformers import AutoTokenizer
+    out = tmp_path_factory.mktemp("no-dropout")
+    torch.manual_seed(0)
+    tiny_electra(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+def torchrun(nproc, *argv):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc-per-node={nproc}", str(ROOT / "finetune_electra.py"), *argv],
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def runs(deterministic_model_dir, sentiment_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("layouts")
+    data = ["--model", str(deterministic_model_dir), "--dataset", str(sentiment_dir), *COMMON]
+    fe.main([*data, "--gradient-accumulation", "4", "--output-dir", str(root / "single")])
+    layouts = {
+        "ddp": (2, ["--stages", "1", "--gradient-accumulation", "2"]),
+        "gpipe": (2, ["--stages", "2", "--gradient-accumulation", "4", "--schedule", "gpipe"]),
+        "1f1b_x2": (4, ["--stages", "2", "--gradient-accumulation", "2", "--schedule", "1f1b"]),
+    }
+    for name, (nproc, layout) in layouts.items():
+        proc = torchrun(nproc, *data, *layout, "--output-dir", str(root / name))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (root / name / "stdout.txt").write_text(proc.stdout)
+    return root
+
+
+def read(run, name):
+    return json.loads((run / name).read_text()) if name.endswith(".json") else [
+        json.loads(line) for line in (run / name).read_text().splitlines()]
+
+
+@pytest.mark.parametrize("layout", ["ddp", "gpipe", "1f1b_x2"])
+def test_loss_curve_and_weights_match_the_single_process_run(runs, layout, deterministic_model_dir):
+    single, multi = read(runs / "single", "loss_curve.json"), read(runs / layout, "loss_curve.json")
+    assert [step for step, _ in multi] == [step for step, _ in single] == list(range(1, 25))
+    # tolerance: float sums in another order (gradient all-reduce, micro-batch split)
+    assert [loss for _, loss in multi] == pytest.approx([loss for _, loss in single], rel=1e-4)
+    a, b = load_file(runs / "single" / "model" / "model.safetensors"), \
+        load_file(runs / layout / "model" / "model.safetensors")
+    initial = load_file(deterministic_model_dir / "model.safetensors")
+    assert max((a[k] - initial[k]).abs().max() for k in a) > 1e-2  # training moved the weights
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("layout", ["ddp", "gpipe", "1f1b_x2"])
+def test_multi_rank_accuracy_counts_every_eval_sample_once(runs, layout):
+    metrics = read(runs / layout, "metrics.jsonl")
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert metrics[-1]["accuracy"] == pytest.approx(cpu_accuracy(runs / layout), abs=1e-9)
+    assert metrics[-1]["accuracy"] == read(runs / "single", "metrics.jsonl")[-1]["accuracy"]
+
+
+def test_only_rank_0_reports(runs):
+    out = (runs / "1f1b_x2" / "stdout.txt").read_text()
+    assert out.count("Accuracy: ") == 2
+    assert out.count("pipeline stage plan (2 stages, one stage per rank, 2 replica(s))") == 1
+    assert "torchrun: 4 ranks = 2 replica(s) x 2 stage(s); 8 samples per optimizer step" in out
+
+
+def test_impossible_layout_is_a_clear_error_before_work(deterministic_model_dir, sentiment_dir,
+                                                         tmp_path):
+    proc = torchrun(2, "--model", str(deterministic_model_dir), "--dataset", str(sentiment_dir),
+                    "--stages", "4", "--output-dir", str(tmp_path), "--device", "cpu")
+    assert proc.returncode != 0
+    assert "error: 2 processes cannot hold whole 4-stage pipelines: use --stages 1" in proc.stderr
+    assert "Traceback" not in proc.stderr.split("error:")[0]
