@@ -18,7 +18,6 @@ the training loop, checkpoints, and main() that puts them together.
 import argparse
 import contextlib
 import json
-import math
 import os
 import random
 import shutil
@@ -85,7 +84,8 @@ def build_parser():
     train.add_argument("--epochs", type=int, default=3)
     train.add_argument("--batch-size", type=int, default=4, help="samples per micro-batch")
     train.add_argument("--eval-batch-size", type=int, default=None,
-                       help="default: batch size x device iterations, the tutorial's eval host batch")
+                       help="default: batch size x device iterations, the tutorial's "
+                       "eval host batch")
     train.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate")
     train.add_argument("--gradient-accumulation", type=int, default=None,
                        help="micro-batches per optimizer step (default: 2 x stages - 1 on "
@@ -158,7 +158,8 @@ def pick_device(requested):
     if requested == "cuda" and not torch.cuda.is_available():
         raise FinetuneError("--device cuda: no CUDA device is visible to PyTorch")
     if requested == "auto":
-        requested = "ipu" if poptorch is not None else "cuda" if torch.cuda.is_available() else "cpu"
+        requested = ("ipu" if poptorch is not None else
+                     "cuda" if torch.cuda.is_available() else "cpu")
     if requested == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         return torch.device("cuda", local_rank)
@@ -256,12 +257,13 @@ def load_raw_splits(name):
 
 
 def select_splits(raw, text_column, label_column):
-    """Train on 'train', validate on 'test' (as the tutorial), checking what a user can get wrong."""
+    """Train on 'train', validate on 'test' (as the tutorial); check what users get wrong."""
     if "train" not in raw:
         raise FinetuneError(f"the dataset has no 'train' split (splits: {', '.join(raw)})")
     eval_split = "test" if "test" in raw else "validation" if "validation" in raw else None
     if eval_split is None:
-        raise FinetuneError(f"the dataset has no 'test' or 'validation' split (splits: {', '.join(raw)})")
+        raise FinetuneError("the dataset has no 'test' or 'validation' split "
+                            f"(splits: {', '.join(raw)})")
     splits = {"train": raw["train"], "eval": raw[eval_split]}
     for split, ds in splits.items():
         missing = [c for c in (text_column, label_column) if c not in ds.column_names]
@@ -292,7 +294,8 @@ def encode_labels(splits, label_column, label_names=None):
     if label_names:
         given = label_names.split(",")
         if len(given) != len(names):
-            raise FinetuneError(f"--label-names has {len(given)} names, the data has {len(names)} labels")
+            raise FinetuneError(f"--label-names has {len(given)} names, "
+                                f"the data has {len(names)} labels")
         names = given
     if len(names) < 2:
         raise FinetuneError(f"the data has a single label ({names[0]}): need at least 2 classes")
@@ -664,7 +667,7 @@ def trace_pipeline(wrapped, plan, example):
         first_of_stage.setdefault(stage, f"model.{name}")
     split_spec = {name: SplitPoint.BEGINNING for stage, name in first_of_stage.items() if stage}
     pipe = pipeline(wrapped, mb_args=example, split_spec=split_spec)
-    for name in split_spec:  # pipeline() wrapped these forwards in place: undo it for the next trace
+    for name in split_spec:  # pipeline() wrapped these forwards in place: undo it for a next trace
         module = wrapped.get_submodule(name)
         del module.forward, module._orig_forward
     return pipe
@@ -837,8 +840,12 @@ class StopRequest:
 
     def __init__(self):
         self.signal = None
-        signal.signal(signal.SIGINT, self.handle)
-        signal.signal(signal.SIGTERM, self.handle)
+        self.previous = {sig: signal.signal(sig, self.handle)
+                         for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def handle(self, signum, frame):
         if self.signal is not None:
@@ -984,6 +991,7 @@ def write_results(out_dir, state):
     loss_ax.set(xlabel="optimizer step", ylabel="train loss", title="Training loss")
     epochs = [m["epoch"] for m in state["metrics"]]
     acc_ax.plot(epochs, [m["accuracy"] for m in state["metrics"]], marker="o")
+    acc_ax.set_xticks(epochs)
     acc_ax.set(xlabel="epoch", ylabel="accuracy", title="Validation accuracy")
     fig.tight_layout()
     fig.savefig(out_dir / "curves.png")
@@ -1037,7 +1045,8 @@ def prepare_output_dir(args):
         saved = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
         (out_dir / "args.json").write_text(json.dumps(saved, indent=2))
     except OSError as exc:
-        raise FinetuneError(f"cannot write to the output directory {out_dir}: {exc.strerror}") from None
+        raise FinetuneError(f"cannot write to the output directory {out_dir}: "
+                            f"{exc.strerror}") from None
     return out_dir
 
 
@@ -1157,6 +1166,8 @@ def finetune(args, device, ranks):
         raise FinetuneError(f"the train split has {len(train_ds)} samples, fewer than one "
                             f"optimizer step's batch ({step_batch * ranks.replicas})")
     eval_labels = eval_ds.with_format("numpy", columns=["labels"])["labels"][:]
+    if ranks.enabled:  # same initial weights everywhere, but each rank its own dropout masks
+        torch.manual_seed(args.seed + ranks.rank)
 
     # --- Model: where each part runs.
     plan = plan_stages(model, args.stages)
@@ -1174,9 +1185,10 @@ def finetune(args, device, ranks):
         train_step, eval_step = ipu_steps(training_model, inference_model)
         eval_order = padded_indices(len(eval_ds), args.batch_size * args.device_iterations)
         steps_per_epoch = len(train_loader)
+        host_batch = args.batch_size * args.device_iterations * accumulation
         say(f"IPU: host batch {args.batch_size} x {args.device_iterations} device iterations x "
-            f"{accumulation} accumulated = {args.batch_size * args.device_iterations * accumulation} "
-            f"samples; {step_batch} samples per optimizer step")
+            f"{accumulation} accumulated = {host_batch} samples; "
+            f"{step_batch} samples per optimizer step")
     else:
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -1220,7 +1232,7 @@ def finetune(args, device, ranks):
 
     def save():
         if ranks.is_main:
-            path = save_checkpoint(out_dir, model, optimizer, state, args.keep)
+            save_checkpoint(out_dir, model, optimizer, state, args.keep)
         if ranks.enabled:
             dist.barrier()
         return list_checkpoints(out_dir)[-1]
@@ -1276,6 +1288,8 @@ def finetune(args, device, ranks):
         say(f"\nstopped by {why} at epoch {state['epoch'] + 1}, step {state['step']}; "
             f"checkpoint: {path}\nresume with: python {sys.argv[0]} --resume {out_dir}")
         raise SystemExit(130) from None
+    finally:
+        stop.restore()
     bar.close()
 
     # --- Save the fine-tuned model (on IPU the host copy, refreshed by detach).

@@ -82,7 +82,7 @@ def data_for_trainer(args, padding):
 
 
 def group_by_length(grouped):
-    """`group_by_length=True` became `train_sampling_strategy="group_by_length"` in transformers 5."""
+    """`group_by_length=True` is `train_sampling_strategy="group_by_length"` in transformers 5."""
     if "group_by_length" in inspect.signature(TrainingArguments).parameters:
         return {"group_by_length": grouped}
     return {"train_sampling_strategy": "group_by_length" if grouped else "random"}
@@ -146,22 +146,24 @@ def main():
             subprocess.run([sys.executable, __file__, *sys.argv[1:], "--only", run,
                             "--out-dir", f"{tmp}/{run}"], check=True)
             results[run] = json.loads(Path(tmp, run, "result.json").read_text())
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU x{torch.get_num_threads()} threads"
+    device = (torch.cuda.get_device_name() if args.device == "cuda"
+              else f"CPU x{torch.get_num_threads()} threads")
     print(f"\nmodel {args.model}, {args.train_samples} train / {args.eval_samples} eval samples, "
           f"max length {args.max_length}, batch {args.batch_size}, lr {args.lr}, "
           f"{args.epochs} epoch(s), {device}")
-    print(f"| run | train samples/s | eval samples/s | wall s | accuracy |")
-    print(f"|---|---:|---:|---:|---:|")
+    print("| run | train samples/s | eval samples/s | wall s | accuracy |")
+    print("|---|---:|---:|---:|---:|")
     for run, r in results.items():
         print(f"| {names[run]} | {r['train_samples_per_s']:.2f} | {r['eval_samples_per_s']:.2f} | "
               f"{r['wall_s']:.1f} | {r['accuracy']:.3f} |")
-    if "ours" in results:
-        for run in results:
-            if run != "ours":
-                r, o = results[run], results["ours"]
-                print(f"ours / {names[run]}: train x{o['train_samples_per_s'] / r['train_samples_per_s']:.2f}, "
-                      f"eval x{o['eval_samples_per_s'] / r['eval_samples_per_s']:.2f}, "
-                      f"accuracy {100 * (o['accuracy'] - r['accuracy']):+.1f} points")
+    ours = results.get("ours")
+    for run, base in results.items():
+        if ours and run != "ours":
+            print(f"ours / {names[run]}: "
+                  f"train x{ours['train_samples_per_s'] / base['train_samples_per_s']:.2f}, "
+                  f"eval x{ours['eval_samples_per_s'] / base['eval_samples_per_s']:.2f}, "
+                  f"wall x{base['wall_s'] / ours['wall_s']:.2f}, "
+                  f"accuracy {100 * (ours['accuracy'] - base['accuracy']):+.1f} points")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "device": device,
                                                "results": results}, indent=2))

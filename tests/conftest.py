@@ -95,3 +95,12 @@ def cpu_accuracy(out):
     predicted = [label for label, _ in fe.predict(out / "model", eval_split["text"],
                                                   args["max_length"])]
     return sum(p == str(y) for p, y in zip(predicted, eval_split["label"])) / len(eval_split)
+
+
+def cli_error(capsys, argv):
+    """Run the CLI expecting a user error: exit code 2, one 'error:' line, no traceback."""
+    code = fe.cli(argv)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err
+    return errors[0]

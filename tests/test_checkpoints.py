@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import finetune_electra as fe
-from conftest import ROOT, run_args, sentiment_frame
+from conftest import cli_error, ROOT, run_args, sentiment_frame
 
 SCRIPT = str(ROOT / "finetune_electra.py")
 
@@ -180,21 +180,13 @@ def test_nan_loss_skip_drops_that_step_only(monkeypatch, tiny_model_dir, sentime
     assert all(torch.isfinite(w).all() for w in final_weights(tmp_path).values())
 
 
-def cli_error(capsys, argv):
-    code = fe.cli(argv)
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert code == 2 and len(errors) == 1 and "Traceback" not in err
-    return errors[0]
-
-
 def test_resume_without_a_checkpoint(capsys, tmp_path):
     assert "no checkpoint there" in cli_error(capsys, ["--resume", str(tmp_path)])
 
 
 def test_resume_with_another_model(capsys, unbroken, tmp_path):
     err = cli_error(capsys, ["--resume", str(unbroken), "--model", str(tmp_path)])
-    assert f"was trained from --model" in err and "resume it without --model" in err
+    assert "was trained from --model" in err and "resume it without --model" in err
 
 
 def test_output_dir_not_writable(capsys, tiny_model_dir, sentiment_dir, tmp_path):

@@ -4,11 +4,10 @@ import os
 import subprocess
 import sys
 
-import pytest
 from datasets import Dataset, DatasetDict
 
 import finetune_electra as fe
-from conftest import ROOT, run_args, sentiment_frame
+from conftest import cli_error, ROOT, run_args, sentiment_frame
 
 
 def splits_of(path, text="text", label="label", label_names=None):
@@ -77,15 +76,6 @@ def test_subset_is_seeded_and_only_used_splits_are_tokenized(sentiment_dir, tiny
     row = ds[0]
     assert sorted(row) == ["attention_mask", "input_ids", "labels"]
     assert row["input_ids"].shape == (16,) and len(lengths) == 50 and max(lengths) == 16
-
-
-def cli_error(capsys, argv):
-    code = fe.cli(argv)
-    err = capsys.readouterr().err
-    assert code == 2
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "Traceback" not in err
-    return errors[0]
 
 
 def test_missing_column_lists_the_columns(capsys, tiny_model_dir, sentiment_dir, tmp_path):
