@@ -434,18 +434,18 @@ def layer_stages(num_layers, stages):
 
 def plan_stages(model, stages):
     """[(module name, stage)] in forward order, for any BERT-family classifier."""
-    base_name = model.base_model_prefix
-    base = model.base_model
-    encoder_name = layers = None
+    base_name, base = model.base_model_prefix, model.base_model
+    encoder = None  # (its name, the name of its layer list, the layers)
     for child_name, child in base.named_children():
         lists = [(n, m) for n, m in child.named_children() if isinstance(m, torch.nn.ModuleList)]
         if lists:
-            encoder_name, layers = child_name, lists[0]
+            encoder = (child_name, *lists[0])
             break
-    if layers is None:
+    if encoder is None:
         raise FinetuneError(f"cannot find the encoder layers of {type(model).__name__}")
-    layers_path = f"{base_name}.{encoder_name}.{layers[0]}"
-    plan, stage_of_layer = [], layer_stages(len(layers[1]), stages)
+    encoder_name, layers_name, layers = encoder
+    layers_path = f"{base_name}.{encoder_name}.{layers_name}"
+    plan, stage_of_layer = [], layer_stages(len(layers), stages)
     seen_encoder = False
     for child_name, _ in base.named_children():
         if child_name == encoder_name:
@@ -453,8 +453,8 @@ def plan_stages(model, stages):
             plan += [(f"{layers_path}.{i}", s) for i, s in enumerate(stage_of_layer)]
         else:  # embeddings (and their projection) before the encoder, pooler after
             plan.append((f"{base_name}.{child_name}", stages - 1 if seen_encoder else 0))
-    plan += [(n, stages - 1) for n, _ in model.named_children()
-             if n != base_name and any(True for _ in _.parameters())]
+    plan += [(name, stages - 1) for name, module in model.named_children()  # the head
+             if name != base_name and any(True for _ in module.parameters())]
     return plan
 
 
