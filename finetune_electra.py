@@ -896,10 +896,17 @@ def set_rng_state(tensors, saved):
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
 
 
+def checkpoint_name(state):
+    """step-N mid-epoch, step-N-end after an epoch: names sort in the order they were taken."""
+    return f"step-{state['global_step']:08d}" + ("" if state["step"] else "-end")
+
+
 def save_checkpoint(out_dir, model, optimizer, state, keep):
     root = out_dir / "checkpoints"
-    name = f"step-{state['global_step']:08d}"
-    tmp = root / f".{name}.tmp"
+    final = root / checkpoint_name(state)
+    if final.exists():  # this very state is saved already (Ctrl-C right after a checkpoint)
+        return final
+    tmp = root / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     opt_state = optimizer.state_dict()
@@ -918,8 +925,6 @@ def save_checkpoint(out_dir, model, optimizer, state, keep):
     for f in tmp.iterdir():
         fsync_path(f)
     fsync_path(tmp)
-    final = root / name
-    shutil.rmtree(final, ignore_errors=True)  # the same step saved again (epoch end)
     os.rename(tmp, final)
     fsync_path(root)
     for old in list_checkpoints(out_dir)[:-keep]:

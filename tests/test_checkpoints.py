@@ -105,14 +105,15 @@ def test_a_checkpoint_killed_mid_write_leaves_the_previous_one(unbroken, monkeyp
     with pytest.raises(KeyboardInterrupt):
         fe.save_checkpoint(out, model, optimizer, state, keep=2)
     assert fe.list_checkpoints(out) == before  # the half-written one is not listed
-    assert (out / "checkpoints" / f".step-{state['global_step']:08d}.tmp").exists()
+    assert (out / "checkpoints" / f".{fe.checkpoint_name(state)}.tmp").exists()
     restored, path = fe.load_checkpoint(out, model, optimizer)
     assert path == before[-1] and restored["global_step"] == state["global_step"] - 1
 
 
 def test_keep_prunes_old_checkpoints_and_state_is_json_and_safetensors(unbroken):
     checkpoints = fe.list_checkpoints(unbroken)
-    assert [c.name for c in checkpoints] == ["step-00000190", "step-00000200"]  # --keep 2
+    # 100 steps per epoch, --save-every 10, --keep 2: step 200 mid-epoch and at the epoch's end
+    assert [c.name for c in checkpoints] == ["step-00000200", "step-00000200-end"]
     assert sorted(p.name for p in checkpoints[-1].iterdir()) == [
         "model.safetensors", "optimizer.safetensors", "state.json"]
     state = json.loads((checkpoints[-1] / "state.json").read_text())
