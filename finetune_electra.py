@@ -754,7 +754,7 @@ class NonFiniteLoss(Exception):
     pass
 
 
-def torch_steps(model, eval_model, optimizer, device, accumulation, autocast_dtype, dist_ctx):
+def torch_steps(model, eval_model, optimizer, device, accumulation, autocast_dtype, ranks):
     autocast = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype \
         else contextlib.nullcontext
 
@@ -771,7 +771,7 @@ def torch_steps(model, eval_model, optimizer, device, accumulation, autocast_dty
             with no_sync() if no_sync else contextlib.nullcontext():
                 with autocast():
                     loss = model(**dict(zip(batch, micro))).loss / accumulation
-                seen = mean_over_replicas(loss.detach(), dist_ctx)
+                seen = mean_over_replicas(loss.detach(), ranks)
                 if not torch.isfinite(seen):  # before the update: the weights stay good
                     optimizer.zero_grad(set_to_none=True)
                     raise NonFiniteLoss(seen.item())
@@ -805,7 +805,7 @@ def ipu_steps(training_model, inference_model):
     return train_step, eval_step
 
 
-def evaluate(eval_step, loader, order, labels, bar, dist_ctx):
+def evaluate(eval_step, loader, order, labels, bar, ranks):
     """Accuracy over every eval sample; `order` says which sample each row is.
 
     Every rank predicts its share of the batches; all predictions are gathered
@@ -819,8 +819,8 @@ def evaluate(eval_step, loader, order, labels, bar, dist_ctx):
             batch_predictions.append(logits.argmax(-1).cpu())
         bar.update(1)
     mine = [(order, torch.cat(batch_predictions).numpy())] if batch_predictions else []
-    if dist_ctx.enabled:
-        everyone = [None] * dist_ctx.world
+    if ranks.enabled:
+        everyone = [None] * ranks.world
         dist.all_gather_object(everyone, mine)
         mine = [part for parts in everyone for part in parts]
     predictions = np.full(len(labels), -1, dtype=np.int64)
@@ -1149,8 +1149,8 @@ def finetune(args, device, ranks):
     accumulation = args.gradient_accumulation or (
         2 * args.stages - 1 if (on_ipu or pipelined) and args.stages > 1 else 1)
     step_batch = args.batch_size * accumulation
-    out_dir = prepare_output_dir(args) if ranks.is_main else Path(args.output_dir or ".")
-    if ranks.enabled:  # every rank writes to rank 0's directory
+    out_dir = prepare_output_dir(args) if ranks.is_main else None
+    if ranks.enabled:  # every rank writes to rank 0's directory (its name has a timestamp)
         shared = [str(out_dir)]
         dist.broadcast_object_list(shared)
         out_dir = Path(shared[0])
