@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import finetune_electra as fe
-from conftest import ROOT, cpu_accuracy, tiny_electra
+from conftest import ROOT, cli_error, cpu_accuracy, tiny_electra
 
 # Micro-batches of 2 and 8 samples per optimizer step in every layout, the same
 # batches in the same order, static padding, no dropout: the runs must agree.
@@ -28,6 +28,20 @@ def deterministic_model_dir(tmp_path_factory, tiny_model_dir):
     return out
 
 
+NEEDS_PIPELINING = pytest.mark.skipif(
+    not fe.has_pipelining(),
+    reason=f"torch.distributed.pipelining needs torch 2.4+, this is torch {torch.__version__}")
+LAYOUTS = {  # name: (processes, arguments)
+    "ddp": (2, ["--stages", "1", "--gradient-accumulation", "2"]),
+    "gpipe": (2, ["--stages", "2", "--gradient-accumulation", "4", "--schedule", "gpipe"]),
+    "1f1b_x2": (4, ["--stages", "2", "--gradient-accumulation", "2", "--schedule", "1f1b"]),
+}
+PIPELINE_LAYOUTS = ("gpipe", "1f1b_x2")
+EACH_LAYOUT = pytest.mark.parametrize("layout", [
+    pytest.param(name, marks=NEEDS_PIPELINING if name in PIPELINE_LAYOUTS else ())
+    for name in LAYOUTS])
+
+
 def torchrun(nproc, *argv):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            f"--nproc-per-node={nproc}", str(ROOT / "finetune_electra.py"), *argv],
@@ -39,12 +53,9 @@ def runs(deterministic_model_dir, sentiment_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("layouts")
     data = ["--model", str(deterministic_model_dir), "--dataset", str(sentiment_dir), *COMMON]
     fe.main([*data, "--gradient-accumulation", "4", "--output-dir", str(root / "single")])
-    layouts = {
-        "ddp": (2, ["--stages", "1", "--gradient-accumulation", "2"]),
-        "gpipe": (2, ["--stages", "2", "--gradient-accumulation", "4", "--schedule", "gpipe"]),
-        "1f1b_x2": (4, ["--stages", "2", "--gradient-accumulation", "2", "--schedule", "1f1b"]),
-    }
-    for name, (nproc, layout) in layouts.items():
+    for name, (nproc, layout) in LAYOUTS.items():
+        if name in PIPELINE_LAYOUTS and not fe.has_pipelining():
+            continue
         proc = torchrun(nproc, *data, *layout, "--output-dir", str(root / name))
         assert proc.returncode == 0, proc.stderr[-3000:]
         (root / name / "stdout.txt").write_text(proc.stdout)
@@ -56,7 +67,7 @@ def read(run, name):
         json.loads(line) for line in (run / name).read_text().splitlines()]
 
 
-@pytest.mark.parametrize("layout", ["ddp", "gpipe", "1f1b_x2"])
+@EACH_LAYOUT
 def test_loss_curve_and_weights_match_the_single_process_run(runs, layout, deterministic_model_dir):
     single, multi = read(runs / "single", "loss_curve.json"), read(runs / layout, "loss_curve.json")
     assert [step for step, _ in multi] == [step for step, _ in single] == list(range(1, 25))
@@ -71,7 +82,7 @@ def test_loss_curve_and_weights_match_the_single_process_run(runs, layout, deter
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=2e-5)
 
 
-@pytest.mark.parametrize("layout", ["ddp", "gpipe", "1f1b_x2"])
+@EACH_LAYOUT
 def test_multi_rank_accuracy_counts_every_eval_sample_once(runs, layout):
     metrics = read(runs / layout, "metrics.jsonl")
     assert [m["epoch"] for m in metrics] == [1, 2]
@@ -79,6 +90,7 @@ def test_multi_rank_accuracy_counts_every_eval_sample_once(runs, layout):
     assert metrics[-1]["accuracy"] == read(runs / "single", "metrics.jsonl")[-1]["accuracy"]
 
 
+@NEEDS_PIPELINING
 def test_only_rank_0_reports(runs):
     out = (runs / "1f1b_x2" / "stdout.txt").read_text()
     assert out.count("Accuracy: ") == 2
@@ -93,3 +105,15 @@ def test_impossible_layout_is_a_clear_error_before_work(deterministic_model_dir,
     assert proc.returncode != 0
     assert "error: 2 processes cannot hold whole 4-stage pipelines: use --stages 1" in proc.stderr
     assert "Traceback" not in proc.stderr.split("error:")[0]
+
+
+def test_pipelines_without_torch_pipelining_are_a_clear_error_before_work(
+        monkeypatch, capsys, tmp_path):
+    """The IPU host's torch 2.0.1 has no torch.distributed.pipelining: say so before any work."""
+    monkeypatch.setattr(fe, "has_pipelining", lambda: False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    err = cli_error(capsys, ["--device", "cpu", "--stages", "2", "--output-dir", str(tmp_path)])
+    assert "torchrun with --stages 2 needs torch.distributed.pipelining, in torch 2.4 or newer" in err
+    assert f"this is torch {torch.__version__}" in err and "use --stages 1" in err
+    assert not any(tmp_path.iterdir())  # nothing written: no work was done
