@@ -4,20 +4,24 @@
 This is Graphcore's tutorial "Fine-tuning a pretrained transformer" as one script
 that runs everywhere. On a machine with IPUs (PopTorch importable) it follows the
 tutorial step by step: four pipeline stages placed with `poptorch.BeginBlock`,
-`trainingModel`/`inferenceModel`, device iterations and anchor (output) modes. On
+`trainingModel`/`inferenceModel`, device iterations and output (anchor) modes. On
 CUDA or CPU it runs the same recipe with plain PyTorch, padding each batch only
 to its longest review instead of to 512 tokens (see --padding).
 
     python finetune_electra.py                        # the tutorial's recipe
     python finetune_electra.py --model DIR --dataset DIR --train-samples 2000
 
-Read it top to bottom: arguments, data, model, the stage plan, the IPU models,
-the training loop, checkpoints, and main() that puts them together.
+Read it top to bottom. First the tutorial, in its order: arguments, device, data,
+model, the pipeline stage plan, and the IPU flow in one function,
+`finetune_on_ipus()`. Then what goes beyond it: the same recipe on CUDA/CPU,
+torchrun pipelines and replicas, progress and stop requests, checkpoints,
+results, prediction, and `main()` that puts them together.
 """
 
 import argparse
 import contextlib
 import json
+import math
 import os
 import random
 import shutil
@@ -33,10 +37,16 @@ import torch.distributed as dist
 from sklearn.metrics import accuracy_score
 from tqdm.auto import tqdm
 
-try:  # PopTorch comes with Graphcore's Poplar SDK; without it we run on CUDA or CPU.
+# PopTorch comes with Graphcore's Poplar SDK; without it we run on CUDA or CPU.
+# It asserts at import that torch is the one it was built for (2.0.1 for SDK 3.3
+# and 3.4): that AssertionError is kept to be explained, not shown as a traceback.
+POPTORCH_REFUSED = None
+try:
     import poptorch
 except ImportError:
     poptorch = None
+except AssertionError as refused:
+    poptorch, POPTORCH_REFUSED = None, str(refused)
 
 import datasets
 import transformers
@@ -152,6 +162,10 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------
 
 def pick_device(requested):
+    if POPTORCH_REFUSED and requested in ("auto", "ipu"):
+        raise FinetuneError(f"PopTorch is installed but will not import ({POPTORCH_REFUSED}): "
+                            "install the IPU host's versions with pip install -r "
+                            "requirements-ipu.txt, or pass --device cpu or cuda")
     if requested == "ipu" and poptorch is None:
         raise FinetuneError("--device ipu needs PopTorch, which comes with Graphcore's Poplar "
                             "SDK (enable the SDK and install its poptorch wheel)")
@@ -164,6 +178,23 @@ def pick_device(requested):
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         return torch.device("cuda", local_rank)
     return requested if requested == "ipu" else torch.device("cpu")
+
+
+def check_ipu_args(args):
+    """What PopTorch would refuse only after minutes of loading and compiling."""
+    stages = args.stages
+    if stages & (stages - 1) or stages > 64:  # popart_compiler/source/CompilerImpl.cpp
+        raise FinetuneError(f"--ipus {stages}: PopTorch reserves IPUs in powers of two (at most "
+                            "64), so use 1, 2, 4, 8 or 16 stages")
+    if args.device_iterations < stages:
+        raise FinetuneError(f"--device-iterations {args.device_iterations} cannot fill a "
+                            f"{stages}-stage pipeline: use at least {stages}")
+    if args.on_nan == "skip":
+        raise FinetuneError("--on-nan skip is not possible on IPU: the device applies each "
+                            "step before the host sees its loss")
+    if args.save_every:
+        raise FinetuneError("--save-every is not available on IPU: the weights reach the host "
+                            "only on detach, so checkpoints are taken at epoch ends")
 
 
 def adamw(params, lr, device):
@@ -350,71 +381,24 @@ def tokenize(ds, tokenizer, args, padding):
 
 
 # ----------------------------------------------------------------------------
-# 4. Batches: shuffled, optionally grouped by length, padded per batch.
+# 4. Model: a pretrained encoder with a fresh classification head.
 # ----------------------------------------------------------------------------
 
-def train_batches(lengths, batch_size, seed, epoch, group_by_length):
-    """The epoch's batches as lists of sample indices (shuffle, drop_last).
-
-    Grouping by length sorts each shuffled window of 50 batches by length, cuts
-    it into batches and shuffles the batches: every sample is still seen once
-    per epoch in a random batch order, but a batch holds texts of similar
-    length, so dynamic padding wastes almost nothing (as HF's group_by_length).
-    """
-    rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(lengths))
-    usable = len(order) - len(order) % batch_size
-    if group_by_length:
-        window = 50 * batch_size
-        order = np.concatenate([
-            sorted(order[i:i + window], key=lambda j: -lengths[j])
-            for i in range(0, len(order), window)])
-    batches = [order[i:i + batch_size].tolist() for i in range(0, usable, batch_size)]
-    if group_by_length:
-        batches = [batches[i] for i in rng.permutation(len(batches))]
-    return batches
-
-
-def eval_batches(lengths, batch_size):
-    """Every sample once, longest first: similar lengths share a batch."""
-    order = sorted(range(len(lengths)), key=lambda j: -lengths[j])
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def pad_collate(pad_id):
-    def collate(rows):
-        return {
-            "input_ids": torch.nn.utils.rnn.pad_sequence(
-                [r["input_ids"] for r in rows], batch_first=True, padding_value=pad_id),
-            "attention_mask": torch.nn.utils.rnn.pad_sequence(
-                [r["attention_mask"] for r in rows], batch_first=True, padding_value=0),
-            "labels": torch.stack([r["labels"] for r in rows]),
-        }
-    return collate
-
-
-def torch_loader(ds, batches, pad_id):
-    # Its own generator: starting an epoch must not draw from the global RNG that
-    # dropout uses, or a resumed run would not replay the same dropout masks.
-    return torch.utils.data.DataLoader(ds, batch_sampler=batches, collate_fn=pad_collate(pad_id),
-                                       generator=torch.Generator())
-
-
-# ----------------------------------------------------------------------------
-# 5. Model: a pretrained encoder with a fresh classification head.
-# ----------------------------------------------------------------------------
-
-def load_model(name, label_names):
+def load_model(name, label_names, eager_attention=False):
+    """eager_attention: PopTorch has no handler for scaled_dot_product_attention,
+    which newer transformers pick by default, so IPU graphs use the plain matmuls."""
     path_given = Path(name).expanduser().exists()
     if not path_given and looks_like_path(name):
         raise FinetuneError(f"--model {name}: no such directory")
+    attention = {"attn_implementation": "eager"} if eager_attention else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForSequenceClassification.from_pretrained(
             name, num_labels=len(label_names),
             id2label=dict(enumerate(label_names)),
             label2id={n: i for i, n in enumerate(label_names)},
-            ignore_mismatched_sizes=True)  # a head fine-tuned for other labels starts afresh
+            ignore_mismatched_sizes=True,  # a head fine-tuned for other labels starts afresh
+            **attention)
     except OSError as exc:
         where = f"directory {name}" if path_given else f"'{name}' from the Hugging Face Hub"
         hint = "" if path_given else f"; {OFFLINE_HINT}"
@@ -422,8 +406,38 @@ def load_model(name, label_names):
     return model, tokenizer
 
 
+class Data:
+    """The tokenized splits, and what the loops need to know of them."""
+
+    def __init__(self, train, train_lengths, eval_ds, eval_lengths, pad_id):
+        self.train, self.train_lengths = train, train_lengths
+        self.eval, self.eval_lengths = eval_ds, eval_lengths
+        self.eval_labels = eval_ds.with_format("numpy", columns=["labels"])["labels"][:]
+        self.pad_id = pad_id
+
+
+def load_data_and_model(args, padding, say, eager_attention):
+    """The tutorial's data and model steps; only the splits we use are tokenized."""
+    splits = select_splits(load_raw_splits(args.dataset), args.text_column, args.label_column)
+    label_names = encode_labels(splits, args.label_column, args.label_names)
+    say("labels: " + ", ".join(f"{i}={name}" for i, name in enumerate(label_names)))
+    model, tokenizer = load_model(args.model, label_names, eager_attention)
+    tokenize_padding = "max_length" if padding == "max_length" else False
+    train, train_lengths = tokenize(subset(splits["train"], args.train_samples, args.seed),
+                                    tokenizer, args, tokenize_padding)
+    eval_ds, eval_lengths = tokenize(subset(splits["eval"], args.eval_samples, args.seed),
+                                     tokenizer, args, tokenize_padding)
+    return Data(train, train_lengths, eval_ds, eval_lengths, tokenizer.pad_token_id), model, tokenizer
+
+
+def require_train_samples(data, needed, what):
+    if len(data.train) < needed:
+        raise FinetuneError(f"the train split has {len(data.train)} samples, fewer than {what} "
+                            f"({needed}): use more data or a smaller batch")
+
+
 # ----------------------------------------------------------------------------
-# 6. Pipeline stage plan: which module runs on which stage.
+# 5. Pipeline stage plan: which module runs on which stage.
 #
 # The tutorial splits ELECTRA over 4 IPUs: embeddings on IPU 0, the 12 encoder
 # layers 4 per IPU on IPUs 1-3, the classifier on IPU 3. Stage 0 holds only the
@@ -499,15 +513,23 @@ def compact_names(names):
 
 
 # ----------------------------------------------------------------------------
-# 7. The IPU models (PopTorch).
+# 6. The IPU flow: the tutorial, step by step, in one function.
+#
+# Where it departs from the 2021 tutorial, on purpose (each is commented where
+# it happens): gradient accumulation, which pipelined training needs since SDK
+# 2.4; outputMode, the new name of anchorMode; eval batches padded so that every
+# review is predicted; every optimizer step's loss brought back and counted.
 # ----------------------------------------------------------------------------
 
 class IPUWrapper(torch.nn.Module):
     """PopTorch needs to know which output is the loss it should minimise.
 
     In training the loss is wrapped in `poptorch.identity_loss` (reduction
-    "none": the model already averaged it); the inference model returns it as
-    a plain output. Positional inputs keep the traced graph's order explicit.
+    "none": the model already averaged it); the inference graph returns it as a
+    plain output. trainingModel and inferenceModel each trace a shallow copy of
+    this wrapper, whose own `training` flag PopTorch never changes: the wrapped
+    model, which both copies share, is what is put in each mode before its
+    graph is compiled, so that is the flag to read (as the tutorial's wrapper does).
     """
 
     def __init__(self, model):
@@ -516,12 +538,13 @@ class IPUWrapper(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, labels):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-        loss = poptorch.identity_loss(out.loss, reduction="none") if self.training else out.loss
-        return loss, out.logits
+        if self.model.training:
+            return poptorch.identity_loss(out.loss, reduction="none"), out.logits
+        return out.loss, out.logits
 
 
 def set_output_all(opts):
-    """Return every sample's output, not just the last micro-batch's.
+    """Return every micro-batch's outputs, not just the last one's.
 
     The tutorial's `anchorMode(All)` was renamed `outputMode` in SDK 2.4 and
     the old name removed in 2.5: use whichever this SDK has.
@@ -532,17 +555,16 @@ def set_output_all(opts):
 
 
 def ipu_options(args, accumulation, training):
-    # Device iterations: the IPU runs this many steps per call from the host,
-    # so one host batch carries batch_size x deviceIterations samples (x the
-    # gradient accumulation in training) and the host is out of the loop.
+    # Device iterations: the IPU runs this many optimizer steps (in training) per
+    # call from the host, which is out of the loop meanwhile.
     opts = poptorch.Options().deviceIterations(args.device_iterations)
+    # Output mode All: validation needs every prediction (the tutorial's
+    # anchorMode(All)); in training it brings back every micro-batch's loss, so
+    # each optimizer step's loss is known (the default, Final, returns the last
+    # micro-batch's only). That is 56 losses and 224 x 2 logits per call: < 2 KB.
+    set_output_all(opts)
     if training:
-        # Pipelined training needs at least 2 x stages - 1 micro-batches per
-        # optimizer step to fill and drain the forward and backward stages
-        # (checked since SDK 2.4; the tutorial predates that check).
         opts.Training.gradientAccumulation(accumulation)
-    else:
-        set_output_all(opts)
     return opts
 
 
@@ -555,38 +577,291 @@ def place_on_ipus(model, plan):
 
 
 def padded_indices(n, multiple):
-    """All n indices, padded with repeats of sample 0 to a whole number of host batches."""
+    """All n indices, padded with repeats of sample 0 to a whole number of batches."""
     return list(range(n)) + [0] * (-n % multiple)
 
 
-def ipu_models(model, args, accumulation, train_ds, eval_ds):
-    """The tutorial's flow: build, compile each model on one batch, detach both.
-
-    A training and an inference model cannot hold the same IPUs at once, so
-    each epoch attaches one, runs it, and detaches it before the other.
-    """
+def finetune_on_ipus(args, model, plan, data, run):
+    """The tutorial's flow on IPUs with PopTorch, in its order."""
+    # Pipelined training needs at least 2 x stages - 1 micro-batches per optimizer
+    # step to fill and drain the forward and backward stages; PopTorch checks it
+    # since SDK 2.4, after the tutorial was written. So an optimizer step sees
+    # 4 x 7 = 28 samples, not the tutorial's 4.
+    accumulation = args.gradient_accumulation or (2 * args.stages - 1 if args.stages > 1 else 1)
     train_opts = ipu_options(args, accumulation, training=True)
-    eval_opts = ipu_options(args, accumulation, training=False)
-    train_loader = poptorch.DataLoader(train_opts, train_ds, batch_size=args.batch_size,
-                                       shuffle=True, drop_last=True)
-    # A static graph cannot take a short last batch: pad the eval set to whole
-    # host batches and ignore the padding's predictions.
-    host_batch = args.batch_size * args.device_iterations
-    eval_loader = poptorch.DataLoader(
-        eval_opts, torch.utils.data.Subset(eval_ds, padded_indices(len(eval_ds), host_batch)),
-        batch_size=args.batch_size, shuffle=False, drop_last=True)
+    eval_opts = ipu_options(args, 1, training=False)
 
+    # poptorch.DataLoader makes host batches of batch x device iterations (x the
+    # accumulation in training) samples: 4 x 8 x 7 = 224 per training call.
+    host_batch = args.batch_size * args.device_iterations * accumulation
+    require_train_samples(data, host_batch, f"one IPU host batch ({args.batch_size} x "
+                          f"{args.device_iterations} device iterations x {accumulation} accumulated)")
+    train_loader = poptorch.DataLoader(train_opts, data.train, batch_size=args.batch_size,
+                                       shuffle=True, drop_last=True)
+    # A static graph cannot take a short last batch. The tutorial dropped it; here
+    # the eval set is padded with repeats of its first review, whose extra
+    # predictions are ignored, so accuracy is over every review.
+    eval_rows = padded_indices(len(data.eval), args.batch_size * args.device_iterations)
+    eval_loader = poptorch.DataLoader(eval_opts, torch.utils.data.Subset(data.eval, eval_rows),
+                                      batch_size=args.batch_size, shuffle=False, drop_last=True)
+
+    # Pipeline stages, the wrapper that names the loss, PopTorch's AdamW, and the
+    # two PopTorch models built on the same weights.
+    run.say_stage_plan(model, plan, "applied with poptorch.BeginBlock")
+    place_on_ipus(model, plan)
     wrapped = IPUWrapper(model)
     optimizer = poptorch.optim.AdamW(wrapped.parameters(), lr=args.lr)
     training_model = poptorch.trainingModel(wrapped, options=train_opts, optimizer=optimizer)
     inference_model = poptorch.inferenceModel(wrapped, options=eval_opts)
+
+    # Compile each model on one batch, then detach it: a training and an
+    # inference model cannot hold the same IPUs at once. A graph is traced in
+    # the mode the model is in then (dropout, identity_loss): set it first.
     for ipu_model, loader, training in ((training_model, train_loader, True),
                                         (inference_model, eval_loader, False)):
-        wrapped.train(training)  # each graph is traced in its own mode (dropout, identity_loss)
+        model.train(training)
         batch = next(iter(loader))
         ipu_model.compile(batch["input_ids"], batch["attention_mask"], batch["labels"])
         ipu_model.detachFromDevice()
-    return training_model, inference_model, optimizer, train_loader, eval_loader
+    # --resume: the host weights and PopTorch's optimizer state, uploaded at the next attach.
+    run.checkpoint(model, optimizer, mid_epoch=False)
+
+    run.start(iterations_per_epoch=len(train_loader) + len(eval_loader),
+              steps_per_epoch=len(train_loader) * args.device_iterations,
+              step_samples=args.batch_size * accumulation, accumulation=accumulation,
+              device=f"IPU, {args.stages} pipeline stages (IPUs)",
+              extra={"device iterations": f"{args.device_iterations} optimizer steps per call",
+                     "host batch": f"{host_batch} samples"})
+    for _ in run.epochs():
+        training_model.attachToDevice()
+        for batch in train_loader:
+            losses, _ = training_model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+            # One call ran device-iterations optimizer steps: one loss for each step
+            # (the mean of its micro-batches'), counted as the CPU loop counts them.
+            step_losses = losses.reshape(args.device_iterations, accumulation).mean(1)
+            run.steps_done(step_losses.tolist(), len(batch["labels"]), applied=True)
+        training_model.detachFromDevice()  # the trained weights come back to the host
+
+        inference_model.attachToDevice()   # and this uploads them for validation
+        start, predictions = time.perf_counter(), []
+        for batch in eval_loader:
+            _, logits = inference_model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+            predictions.append(logits.argmax(-1))
+            run.bar.update(1)
+        inference_model.detachFromDevice()
+        predicted = torch.cat(predictions)[:len(data.eval)]  # drop the padding's predictions
+        accuracy = accuracy_score(data.eval_labels, predicted)
+        tqdm.write(f"Accuracy: {accuracy:.3f}")
+        run.end_epoch(accuracy, time.perf_counter() - start)
+
+
+# ============================================================================
+# Beyond the tutorial
+# ============================================================================
+
+# ----------------------------------------------------------------------------
+# 7. The same recipe on CUDA or CPU, in one process or many (torchrun).
+#
+# Nothing here forces static shapes, so by default each batch is padded only to
+# its longest review, and reviews of similar length are batched together. The
+# loop calls forward, backward and the optimizer step that a PopTorch training
+# model runs by itself.
+# ----------------------------------------------------------------------------
+
+def train_batches(lengths, batch_size, seed, epoch, group_by_length):
+    """The epoch's batches as lists of sample indices (shuffle, drop_last).
+
+    Grouping by length sorts each shuffled window of 50 batches by length, cuts
+    it into batches and shuffles the batches: every sample is still seen once
+    per epoch in a random batch order, but a batch holds texts of similar
+    length, so dynamic padding wastes almost nothing (as HF's group_by_length).
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    usable = len(order) - len(order) % batch_size
+    if group_by_length:
+        window = 50 * batch_size
+        order = np.concatenate([
+            sorted(order[i:i + window], key=lambda j: -lengths[j])
+            for i in range(0, len(order), window)])
+    batches = [order[i:i + batch_size].tolist() for i in range(0, usable, batch_size)]
+    if group_by_length:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+def eval_batches(lengths, batch_size):
+    """Every sample once, longest first: similar lengths share a batch."""
+    order = sorted(range(len(lengths)), key=lambda j: -lengths[j])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def static_eval_batches(n, batch_size):
+    """Every sample, in whole batches (repeats of sample 0 fill the last): for traced pipelines."""
+    padded = padded_indices(n, batch_size)
+    return [padded[i:i + batch_size] for i in range(0, len(padded), batch_size)]
+
+
+def pad_collate(pad_id):
+    def collate(rows):
+        return {
+            "input_ids": torch.nn.utils.rnn.pad_sequence(
+                [r["input_ids"] for r in rows], batch_first=True, padding_value=pad_id),
+            "attention_mask": torch.nn.utils.rnn.pad_sequence(
+                [r["attention_mask"] for r in rows], batch_first=True, padding_value=0),
+            "labels": torch.stack([r["labels"] for r in rows]),
+        }
+    return collate
+
+
+def torch_loader(ds, batches, pad_id):
+    # Its own generator: starting an epoch must not draw from the global RNG that
+    # dropout uses, or a resumed run would not replay the same dropout masks.
+    return torch.utils.data.DataLoader(ds, batch_sampler=batches, collate_fn=pad_collate(pad_id),
+                                       generator=torch.Generator())
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+def torch_steps(model, eval_model, optimizer, device, accumulation, autocast_dtype, ranks):
+    autocast = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype \
+        else contextlib.nullcontext
+
+    def train_step(batch):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        model.train()
+        total = 0.0
+        # Gradient accumulation: the step's batch is cut into micro-batches whose
+        # gradients add up before one optimizer step, as on the IPU. Under DDP the
+        # gradients are averaged over the replicas once, with the last micro-batch.
+        micro_batches = list(zip(*(v.chunk(accumulation) for v in batch.values())))
+        for i, micro in enumerate(micro_batches):
+            no_sync = getattr(model, "no_sync", None) if i < len(micro_batches) - 1 else None
+            with no_sync() if no_sync else contextlib.nullcontext():
+                with autocast():
+                    loss = model(**dict(zip(batch, micro))).loss / accumulation
+                seen = mean_over_replicas(loss.detach(), ranks)
+                if not torch.isfinite(seen):  # before the update: the weights stay good
+                    optimizer.zero_grad(set_to_none=True)
+                    raise NonFiniteLoss(seen.item())
+                loss.backward()
+            total += seen
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return total
+
+    @torch.inference_mode()
+    def eval_step(batch):
+        eval_model.eval()
+        with autocast():
+            return eval_model(input_ids=batch["input_ids"].to(device),
+                              attention_mask=batch["attention_mask"].to(device)).logits.float()
+
+    return train_step, eval_step
+
+
+def evaluate(eval_step, loader, order, labels, bar, ranks):
+    """Accuracy over every eval sample; `order` says which sample each row is.
+
+    Every rank predicts its share of the batches; all predictions are gathered
+    (the analog of output mode All) and each sample must be predicted at least
+    once: repeats, from padding to whole batches, are the same sample's.
+    """
+    batch_predictions = []
+    for batch in loader:
+        logits = eval_step(batch)
+        if logits is not None:  # None: a pipeline stage before the last
+            batch_predictions.append(logits.argmax(-1).cpu())
+        bar.update(1)
+    mine = [(order, torch.cat(batch_predictions).numpy())] if batch_predictions else []
+    if ranks.enabled:
+        everyone = [None] * ranks.world
+        dist.all_gather_object(everyone, mine)
+        mine = [part for parts in everyone for part in parts]
+    predictions = np.full(len(labels), -1, dtype=np.int64)
+    for indices, predicted in mine:
+        predictions[np.asarray(indices)] = predicted
+    if (predictions < 0).any():
+        raise RuntimeError(f"{(predictions < 0).sum()} eval samples got no prediction")
+    return accuracy_score(labels, predictions)
+
+
+def data_parallel_steps(model, args, device, ranks, accumulation):
+    """The whole model in this process: alone, or one DDP replica under torchrun."""
+    model.to(device)
+    train_model = model
+    if ranks.enabled:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = adamw(model.parameters(), args.lr, device)
+    bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and device.type == "cuda")
+    train_step, eval_step = torch_steps(
+        torch.compile(train_model) if args.compile else train_model, model, optimizer,
+        device, accumulation, torch.bfloat16 if bf16 else None, ranks)
+    return train_step, eval_step, optimizer
+
+
+def finetune_with_torch(args, device, model, plan, data, ranks, run):
+    """The tutorial's recipe with plain PyTorch: one process, DDP, or pipeline stages."""
+    pipelined = ranks.stages > 1
+    accumulation = args.gradient_accumulation or (2 * args.stages - 1 if pipelined else 1)
+    step_batch = args.batch_size * accumulation  # one replica's share of an optimizer step
+    require_train_samples(data, step_batch * ranks.replicas, "one optimizer step's batch")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if pipelined:
+        run.say_stage_plan(model, plan, f"one stage per rank, {ranks.replicas} replica(s)")
+        train_step, eval_step, optimizer, stage_module = pipeline_steps(
+            model, plan, args, ranks, device, accumulation)
+        all_eval_batches = static_eval_batches(len(data.eval),
+                                               args.batch_size * args.device_iterations)
+    else:
+        train_step, eval_step, optimizer = data_parallel_steps(model, args, device, ranks,
+                                                               accumulation)
+        run.checkpoint(model, optimizer, mid_epoch=True)
+        all_eval_batches = eval_batches(data.eval_lengths, args.eval_batch_size or
+                                        args.batch_size * args.device_iterations)
+    my_eval_batches = all_eval_batches[ranks.replica::ranks.replicas]
+    eval_order = [i for batch in my_eval_batches for i in batch]
+    eval_loader = torch_loader(data.eval, my_eval_batches, data.pad_id)
+    steps_per_epoch = len(data.train) // (step_batch * ranks.replicas)
+    if ranks.enabled:
+        run.say(f"torchrun: {ranks.world} ranks = {ranks.replicas} replica(s) x {ranks.stages} "
+                f"stage(s); {step_batch * ranks.replicas} samples per optimizer step")
+    run.start(iterations_per_epoch=steps_per_epoch + len(eval_loader),
+              steps_per_epoch=steps_per_epoch, step_samples=step_batch * ranks.replicas,
+              accumulation=accumulation, device=describe_device(device, ranks))
+    group_by_length = args.group_by_length == "yes" or (
+        args.group_by_length == "auto" and run.padding == "dynamic")
+    share = slice(ranks.replica * step_batch, (ranks.replica + 1) * step_batch)
+    for epoch in run.epochs():
+        if run.state["batches"] is None:  # every replica's batches, kept in the checkpoint
+            run.state["batches"] = train_batches(data.train_lengths, step_batch * ranks.replicas,
+                                                 args.seed, epoch, group_by_length)
+        todo = run.state["batches"][run.state["step"]:]
+        for batch in torch_loader(data.train, [b[share] for b in todo], data.pad_id):
+            try:
+                loss = float(train_step(batch))
+            except NonFiniteLoss as bad:
+                loss = run.non_finite_loss(bad.args[0])
+            run.steps_done([loss], len(batch["labels"]) * ranks.replicas)
+        start = time.perf_counter()
+        accuracy = evaluate(eval_step, eval_loader, eval_order, data.eval_labels, run.bar, ranks)
+        if ranks.is_main:
+            tqdm.write(f"Accuracy: {accuracy:.3f}")
+        run.end_epoch(accuracy, time.perf_counter() - start)
+    if pipelined:  # each stage trained its own weights: bring them into rank 0's model
+        gather_pipeline_weights(model, stage_module, ranks)
+
+
+def describe_device(device, ranks):
+    if not ranks.enabled:
+        return str(device)
+    return (f"{device.type}, torchrun: {ranks.world} ranks = {ranks.replicas} replica(s) x "
+            f"{ranks.stages} stage(s)")
 
 
 # ----------------------------------------------------------------------------
@@ -770,93 +1045,16 @@ def gather_pipeline_weights(model, stage_module, ranks):
 
 
 # ----------------------------------------------------------------------------
-# 9. Training and validation: one loop for every device.
+# 9. Progress, losses and stop requests: what every flow shares.
 #
-# A "step" function hides what differs: on IPU the training model runs the
-# forward, backward and optimizer step itself on a whole host batch; on CUDA
-# or CPU we call them. The loop, the progress bar and the metrics are shared.
+# A Run holds the state a checkpoint needs to continue (epoch, step, the
+# epoch's batch order, running sums, metrics), the one progress bar over every
+# train and eval iteration (as the tutorial's), the loss readings, the
+# non-finite-loss policy, Ctrl-C, and what happens at the end of an epoch.
 # ----------------------------------------------------------------------------
 
-class NonFiniteLoss(Exception):
+class Interrupted(Exception):
     pass
-
-
-def torch_steps(model, eval_model, optimizer, device, accumulation, autocast_dtype, ranks):
-    autocast = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype \
-        else contextlib.nullcontext
-
-    def train_step(batch):
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        model.train()
-        total = 0.0
-        # Gradient accumulation: the step's batch is cut into micro-batches whose
-        # gradients add up before one optimizer step, as on the IPU. Under DDP the
-        # gradients are averaged over the replicas once, with the last micro-batch.
-        micro_batches = list(zip(*(v.chunk(accumulation) for v in batch.values())))
-        for i, micro in enumerate(micro_batches):
-            no_sync = getattr(model, "no_sync", None) if i < len(micro_batches) - 1 else None
-            with no_sync() if no_sync else contextlib.nullcontext():
-                with autocast():
-                    loss = model(**dict(zip(batch, micro))).loss / accumulation
-                seen = mean_over_replicas(loss.detach(), ranks)
-                if not torch.isfinite(seen):  # before the update: the weights stay good
-                    optimizer.zero_grad(set_to_none=True)
-                    raise NonFiniteLoss(seen.item())
-                loss.backward()
-            total += seen
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return total
-
-    @torch.inference_mode()
-    def eval_step(batch):
-        eval_model.eval()
-        with autocast():
-            return eval_model(input_ids=batch["input_ids"].to(device),
-                              attention_mask=batch["attention_mask"].to(device)).logits.float()
-
-    return train_step, eval_step
-
-
-def ipu_steps(training_model, inference_model):
-    def train_step(batch):
-        loss, _ = training_model(batch["input_ids"], batch["attention_mask"], batch["labels"])
-        if not torch.isfinite(loss).all():  # the device has already applied this step
-            raise NonFiniteLoss(float(loss.reshape(-1)[-1]))
-        return loss.mean()
-
-    def eval_step(batch):
-        _, logits = inference_model(batch["input_ids"], batch["attention_mask"], batch["labels"])
-        return logits
-
-    return train_step, eval_step
-
-
-def evaluate(eval_step, loader, order, labels, bar, ranks):
-    """Accuracy over every eval sample; `order` says which sample each row is.
-
-    Every rank predicts its share of the batches; all predictions are gathered
-    (the analog of anchorMode All) and each sample must be predicted at least
-    once: repeats, from padding to whole batches, are the same sample's.
-    """
-    start, batch_predictions = time.perf_counter(), []
-    for batch in loader:
-        logits = eval_step(batch)
-        if logits is not None:  # None: a pipeline stage before the last
-            batch_predictions.append(logits.argmax(-1).cpu())
-        bar.update(1)
-    mine = [(order, torch.cat(batch_predictions).numpy())] if batch_predictions else []
-    if ranks.enabled:
-        everyone = [None] * ranks.world
-        dist.all_gather_object(everyone, mine)
-        mine = [part for parts in everyone for part in parts]
-    predictions = np.full(len(labels), -1, dtype=np.int64)
-    for indices, predicted in mine:
-        predictions[np.asarray(indices)] = predicted
-    if (predictions < 0).any():
-        raise RuntimeError(f"{(predictions < 0).sum()} eval samples got no prediction")
-    seconds = time.perf_counter() - start
-    return accuracy_score(labels, predictions), len(labels) / seconds
 
 
 class StopRequest:
@@ -888,12 +1086,166 @@ class StopRequest:
         return bool(flag)
 
 
+def new_state():
+    return {"epoch": 0, "step": 0, "global_step": 0, "batches": None,
+            "loss_sum": 0.0, "loss_steps": 0, "interval_sum": 0.0, "interval_steps": 0,
+            "train_samples": 0, "train_seconds": 0.0, "skipped_steps": 0,
+            "metrics": [], "loss_curve": []}
+
+
+class Run:
+    def __init__(self, args, out_dir, ranks, data, padding, model):
+        self.args, self.out_dir, self.ranks, self.data = args, out_dir, ranks, data
+        self.padding, self.model = padding, model
+        self.say = print if ranks.is_main else (lambda *_, **__: None)
+        self.state = new_state()
+        self.saving = None  # (model, optimizer) when this flow checkpoints
+        self.mid_epoch = False  # whether the host has the current weights mid-epoch
+        self.bar = self.stop = None
+        self.last = time.perf_counter()
+
+    def say_stage_plan(self, model, plan, how):
+        self.say(f"pipeline stage plan ({self.args.stages} stages, {how})")
+        self.say(stage_table(model, plan))
+
+    def checkpoint(self, model, optimizer, mid_epoch):
+        """Checkpoint these from now on; on --resume, restore them from the newest checkpoint."""
+        self.saving, self.mid_epoch = (model, optimizer), mid_epoch
+        if self.args.resume:
+            self.state, path = load_checkpoint(self.out_dir, model, optimizer,
+                                               on_ipu=self.args.device == "ipu")
+            self.say(f"resumed from {path} (epoch {self.state['epoch'] + 1}, "
+                     f"step {self.state['step']})")
+
+    def save(self):
+        if self.ranks.is_main:
+            save_checkpoint(self.out_dir, *self.saving, self.state, self.args.keep)
+        if self.ranks.enabled:
+            dist.barrier()
+        return list_checkpoints(self.out_dir)[-1]
+
+    def start(self, iterations_per_epoch, steps_per_epoch, step_samples, accumulation, device,
+              extra=None):
+        """Print what is about to run (as HF's Trainer does), then open the progress bar."""
+        args = self.args
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        rows = {"device": device,
+                "train examples": f"{len(self.data.train):,}",
+                "eval examples": f"{len(self.data.eval):,}",
+                "epochs": args.epochs,
+                "micro-batch": f"{args.batch_size} samples",
+                "gradient accumulation": f"{accumulation} micro-batches per optimizer step",
+                **(extra or {}),
+                "samples per optimizer step": step_samples,
+                "optimizer steps per epoch": steps_per_epoch,
+                "optimizer steps in total": steps_per_epoch * args.epochs,
+                "padding": f"{self.padding}, at most {args.max_length} tokens",
+                "trainable parameters": f"{trainable:,}",
+                "output directory": self.out_dir}
+        width = max(map(len, rows))
+        self.say("\n".join(["Fine-tuning:"] + [f"  {k:<{width}}  {v}" for k, v in rows.items()]))
+        self.bar = tqdm(total=args.epochs * iterations_per_epoch,
+                        initial=self.state["epoch"] * iterations_per_epoch + self.state["step"],
+                        desc=f"{args.device} training", unit="it", disable=not self.ranks.is_main)
+        self.stop = StopRequest()
+
+    def epochs(self):
+        for epoch in range(self.state["epoch"], self.args.epochs):
+            self.epoch_start = self.last = time.perf_counter()
+            yield epoch
+
+    def non_finite_loss(self, value, applied=False):
+        """Stop (saving the last good weights where the host has them) or skip the step."""
+        where = f"epoch {self.state['epoch'] + 1}, step {self.state['step'] + 1}"
+        if self.args.on_nan == "skip" and not applied:
+            if self.ranks.is_main:
+                tqdm.write(f"warning: loss {value} at {where}: step skipped")
+            self.state["skipped_steps"] += 1
+            return None
+        if applied:  # an IPU has already applied the step: the weights are not good
+            last = list_checkpoints(self.out_dir)
+            raise FinetuneError(f"the loss became {value} at {where} (the IPU had already applied "
+                                f"that step); last checkpoint: {last[-1] if last else 'none'}. "
+                                "Lower --lr")
+        saved = f"; kept the last good weights in {self.save()}" if self.mid_epoch else ""
+        raise FinetuneError(f"the loss became {value} at {where}{saved}. "
+                            "Lower --lr, or pass --on-nan skip")
+
+    def steps_done(self, losses, samples, applied=False):
+        """Count optimizer steps, each with its loss (None: skipped), over one iteration."""
+        state, args = self.state, self.args
+        now = time.perf_counter()  # the steps and the loading of their batch
+        state["train_seconds"] += now - self.last
+        self.last = now
+        state["train_samples"] += samples
+        for loss in losses:
+            if loss is not None and not math.isfinite(loss):
+                self.non_finite_loss(loss, applied)
+            state["step"] += 1
+            state["global_step"] += 1
+            if loss is not None:
+                state["loss_sum"] += loss
+                state["loss_steps"] += 1
+                state["interval_sum"] += loss
+                state["interval_steps"] += 1
+            if state["global_step"] % args.log_every == 0 and state["interval_steps"]:
+                mean = state["interval_sum"] / state["interval_steps"]
+                state["loss_curve"].append([state["global_step"], mean])
+                state["interval_sum"], state["interval_steps"] = 0.0, 0
+                rate = state["train_samples"] / state["train_seconds"]
+                self.bar.set_postfix(loss=f"{mean:.4f}", samples_per_s=f"{rate:.1f}")
+            if self.mid_epoch and args.save_every and state["global_step"] % args.save_every == 0:
+                self.save()
+                self.last = time.perf_counter()
+        self.bar.update(1)
+        if self.stop.requested(self.ranks):
+            raise Interrupted(self.stop.signal or "another rank's signal")
+
+    def end_epoch(self, accuracy, eval_seconds):
+        state = self.state
+        state["metrics"].append({
+            "epoch": state["epoch"] + 1,
+            "train_loss": state["loss_sum"] / max(state["loss_steps"], 1),
+            "accuracy": accuracy,
+            "train_samples_per_s": state["train_samples"] / state["train_seconds"],
+            "eval_samples_per_s": len(self.data.eval) / eval_seconds,
+            "seconds": time.perf_counter() - self.epoch_start,
+            "skipped_steps": state["skipped_steps"],
+        })
+        state.update(epoch=state["epoch"] + 1, step=0, batches=None, loss_sum=0.0, loss_steps=0,
+                     train_samples=0, train_seconds=0.0, skipped_steps=0)
+        if self.ranks.is_main:
+            write_results(self.out_dir, state)
+        if self.saving:
+            self.save()
+
+    def interrupted(self, why):
+        path = self.save() if self.mid_epoch else (list_checkpoints(self.out_dir) or ["none"])[-1]
+        self.close()
+        self.say(f"\nstopped by {why} at epoch {self.state['epoch'] + 1}, step "
+                 f"{self.state['step']}; checkpoint: {path}\n"
+                 f"resume with: python {sys.argv[0]} --resume {self.out_dir}")
+        raise SystemExit(130) from None
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        if self.stop is not None:
+            self.stop.restore()
+            self.stop = None
+
+
 # ----------------------------------------------------------------------------
 # 10. Checkpoints: atomic, safetensors + JSON, never a pickle.
 #
 # Each checkpoint is written into a hidden temporary directory, flushed to
 # disk, and renamed into place: a kill mid-write leaves the previous one whole.
 # ----------------------------------------------------------------------------
+
+# PopTorch's AdamW keeps the Adam moments in these parts of its state_dict(), as
+# tensors named by the IPU graph; torch's `state` stays empty (poptorch/optim.py).
+IPU_OPTIMIZER_PARTS = ("ipu_state", "ipu_param")
+
 
 def fsync_path(path):
     fd = os.open(path, os.O_RDONLY)
@@ -928,6 +1280,38 @@ def checkpoint_name(state):
     return f"step-{state['global_step']:08d}" + ("" if state["step"] else "-end")
 
 
+def split_optimizer_state(opt_state):
+    """An optimizer's state_dict() as tensors (for safetensors) and the rest (for JSON)."""
+    tensors, rest = {}, {"param_groups": opt_state["param_groups"], "state": {}, "ipu_parts": []}
+    for pid, values in opt_state["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                rest["state"].setdefault(str(pid), {})[key] = value
+    for part in IPU_OPTIMIZER_PARTS:
+        if opt_state.get(part) is not None:
+            rest["ipu_parts"].append(part)
+            tensors.update({f"{part}/{name}": value.detach().cpu().contiguous()
+                            for name, value in opt_state[part].items()})
+    return tensors, rest
+
+
+def join_optimizer_state(tensors, rest):
+    opt_state = {"param_groups": rest["param_groups"], "state": {}}
+    opt_state.update({part: {} for part in rest.get("ipu_parts", [])})
+    for key, value in tensors.items():
+        part, _, name = key.partition("/")
+        if part in IPU_OPTIMIZER_PARTS:
+            opt_state[part][name] = value
+        elif not key.startswith("rng."):
+            pid, name = key.split(".", 1)
+            opt_state["state"].setdefault(int(pid), {})[name] = value
+    for pid, values in rest["state"].items():
+        opt_state["state"].setdefault(int(pid), {}).update(values)
+    return opt_state
+
+
 def save_checkpoint(out_dir, model, optimizer, state, keep):
     root = out_dir / "checkpoints"
     final = root / checkpoint_name(state)
@@ -936,14 +1320,7 @@ def save_checkpoint(out_dir, model, optimizer, state, keep):
     tmp = root / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    opt_state = optimizer.state_dict()
-    opt_tensors, opt_json = {}, {"param_groups": opt_state["param_groups"], "state": {}}
-    for pid, values in opt_state["state"].items():
-        for key, value in values.items():
-            if torch.is_tensor(value):
-                opt_tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                opt_json["state"].setdefault(str(pid), {})[key] = value
+    opt_tensors, opt_json = split_optimizer_state(optimizer.state_dict())
     rng_tensors, rng_json = rng_state()
     save_file({k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
               tmp / "model.safetensors")
@@ -965,7 +1342,7 @@ def list_checkpoints(out_dir):
     return sorted(root.glob("step-*")) if root.is_dir() else []
 
 
-def load_checkpoint(out_dir, model, optimizer):
+def load_checkpoint(out_dir, model, optimizer, on_ipu=False):
     """Restore the newest checkpoint into model and optimizer; return the run state."""
     checkpoints = list_checkpoints(out_dir)
     if not checkpoints:
@@ -975,18 +1352,15 @@ def load_checkpoint(out_dir, model, optimizer):
     expected = model.state_dict()
     if set(weights) != set(expected) or any(weights[k].shape != expected[k].shape for k in weights):
         raise FinetuneError(f"{path} was saved from another model architecture than --model")
-    model.load_state_dict(weights)
     state = json.loads((path / "state.json").read_text())
-    tensors = load_file(path / "optimizer.safetensors")
     opt_json = state.pop("optimizer")
-    opt_state = {"param_groups": opt_json["param_groups"], "state": {}}
-    for key, value in tensors.items():
-        if not key.startswith("rng."):
-            pid, name = key.split(".", 1)
-            opt_state["state"].setdefault(int(pid), {})[name] = value
-    for pid, values in opt_json["state"].items():
-        opt_state["state"].setdefault(int(pid), {}).update(values)
-    optimizer.load_state_dict(opt_state)
+    written_on_ipu = bool(opt_json.get("ipu_parts"))
+    if written_on_ipu != on_ipu:  # the Adam moments are kept in another form on each
+        raise FinetuneError(f"{path} was written on {'an IPU' if written_on_ipu else 'CUDA/CPU'}: "
+                            f"resume it with --device {'ipu' if written_on_ipu else 'cpu or cuda'}")
+    model.load_state_dict(weights)
+    tensors = load_file(path / "optimizer.safetensors")
+    optimizer.load_state_dict(join_optimizer_state(tensors, opt_json))
     set_rng_state(tensors, state.pop("rng"))
     return state, path
 
@@ -1063,75 +1437,72 @@ def read_lines(path):
 
 
 # ----------------------------------------------------------------------------
-# 13. main(): the tutorial's steps in order.
+# 13. main(): the steps in order, on whichever device this is.
 # ----------------------------------------------------------------------------
 
-class Interrupted(Exception):
-    pass
-
-
-def prepare_output_dir(args):
+def prepare_output_dir(args, ranks):
+    """Rank 0 makes the directory and writes args.json; every rank gets its name."""
     out_dir = Path(args.output_dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        saved = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        (out_dir / "args.json").write_text(json.dumps(saved, indent=2))
-    except OSError as exc:
-        raise FinetuneError(f"cannot write to the output directory {out_dir}: "
-                            f"{exc.strerror}") from None
+    if ranks.is_main:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            saved = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+            (out_dir / "args.json").write_text(json.dumps(saved, indent=2))
+        except OSError as exc:
+            raise FinetuneError(f"cannot write to the output directory {out_dir}: "
+                                f"{exc.strerror}") from None
+    if ranks.enabled:  # the name has a timestamp: everyone takes rank 0's
+        shared = [str(out_dir)]
+        dist.broadcast_object_list(shared)
+        out_dir = Path(shared[0])
     return out_dir
 
 
-def new_state():
-    return {"epoch": 0, "step": 0, "global_step": 0, "batches": None,
-            "loss_sum": 0.0, "loss_steps": 0, "interval_sum": 0.0, "interval_steps": 0,
-            "train_samples": 0, "train_seconds": 0.0, "skipped_steps": 0,
-            "metrics": [], "loss_curve": []}
+def choose_padding(args, static):
+    """IPU graphs and traced pipelines have fixed shapes; elsewhere pad per batch."""
+    padding = args.padding if args.padding != "auto" else "max_length" if static else "dynamic"
+    if static and padding == "dynamic":
+        raise FinetuneError("--padding dynamic is for CUDA/CPU without pipeline stages: IPU "
+                            "graphs and traced pipelines need static shapes")
+    return padding
 
 
-def train_epoch(train_step, loader, state, args, bar, checkpoint, stop, ranks):
-    """One pass over the training batches; `state` is what a checkpoint needs to continue.
+def finetune(args, device, ranks):
+    """Data, model and stage plan; the IPU flow or the CUDA/CPU one; the fine-tuned model."""
+    on_ipu, pipelined = args.device == "ipu", ranks.stages > 1
+    say = print if ranks.is_main else (lambda *_, **__: None)
+    if not ranks.is_main:  # one voice: rank 0 speaks for all
+        datasets.disable_progress_bars()
+        transformers.logging.set_verbosity_error()
+    if pipelined and args.resume:
+        raise FinetuneError("--resume works for single-process and data-parallel runs; "
+                            "torchrun pipeline runs write no checkpoints")
+    padding = choose_padding(args, static=on_ipu or pipelined)
+    out_dir = prepare_output_dir(args, ranks)
+    seed_everything(args.seed)
+    with main_process_first(ranks):  # rank 0 fills the datasets cache, the others read it
+        data, model, tokenizer = load_data_and_model(args, padding, say, eager_attention=on_ipu)
+    if ranks.enabled:  # same initial weights everywhere, but each rank its own dropout masks
+        torch.manual_seed(args.seed + ranks.rank)
+    plan = plan_stages(model, args.stages)
 
-    `checkpoint` is None where the host has no current weights mid-epoch (IPU:
-    they come back on detach) or no single copy of them (a torchrun pipeline).
-    """
-    last = time.perf_counter()
-    for batch in loader:
-        where = f"epoch {state['epoch'] + 1}, step {state['step'] + 1}"
-        try:
-            loss = float(train_step(batch))
-        except NonFiniteLoss as bad:
-            if args.on_nan == "stop" or args.device == "ipu":  # an IPU has already applied it
-                saved = f"; kept the last good weights in {checkpoint()}" if checkpoint else ""
-                raise FinetuneError(f"the loss became {bad} at {where}{saved}. "
-                                    "Lower --lr, or pass --on-nan skip") from None
-            if ranks.is_main:
-                tqdm.write(f"warning: loss {bad} at {where}: step skipped")
-            state["skipped_steps"] += 1
-            loss = None
-        now = time.perf_counter()  # the step and the loading of its batch
-        state["train_seconds"] += now - last
-        last = now
-        state["train_samples"] += len(batch["labels"]) * ranks.replicas
-        state["step"] += 1
-        state["global_step"] += 1
-        if loss is not None:
-            state["loss_sum"] += loss
-            state["loss_steps"] += 1
-            state["interval_sum"] += loss
-            state["interval_steps"] += 1
-        if state["global_step"] % args.log_every == 0 and state["interval_steps"]:
-            mean = state["interval_sum"] / state["interval_steps"]
-            state["loss_curve"].append([state["global_step"], mean])
-            state["interval_sum"], state["interval_steps"] = 0.0, 0
-            bar.set_postfix(loss=f"{mean:.4f}",
-                            samples_per_s=f"{state['train_samples'] / state['train_seconds']:.1f}")
-        bar.update(1)
-        if checkpoint and args.save_every and state["global_step"] % args.save_every == 0:
-            checkpoint()
-            last = time.perf_counter()
-        if stop.requested(ranks):
-            raise Interrupted(stop.signal or "another rank's signal")
+    run = Run(args, out_dir, ranks, data, padding, model)
+    try:
+        if on_ipu:
+            finetune_on_ipus(args, model, plan, data, run)
+        else:
+            finetune_with_torch(args, device, model, plan, data, ranks, run)
+    except Interrupted as why:
+        run.interrupted(why)
+    finally:
+        run.close()
+
+    # The fine-tuned model (on IPU the host copy, refreshed by the last detach).
+    if ranks.is_main:
+        model.save_pretrained(out_dir / "model")
+        tokenizer.save_pretrained(out_dir / "model")
+        say(f"model, metrics.jsonl and curves.png in {out_dir}")
+    return run.state["metrics"]
 
 
 def main(argv=None):
@@ -1144,192 +1515,15 @@ def main(argv=None):
         return results
 
     device = pick_device(args.device)
-    on_ipu = device == "ipu"
-    args.device = "ipu" if on_ipu else device.type
+    args.device = "ipu" if device == "ipu" else device.type
+    if args.device == "ipu":
+        check_ipu_args(args)
     ranks = setup_distributed(args, device)
     try:
         return finetune(args, device, ranks)
     finally:
         if ranks.enabled:
             dist.destroy_process_group()
-
-
-def finetune(args, device, ranks):
-    on_ipu, pipelined = args.device == "ipu", ranks.stages > 1
-    say = print if ranks.is_main else lambda *_, **__: None
-    if not ranks.is_main:  # one voice: rank 0 speaks for all
-        datasets.disable_progress_bars()
-        transformers.logging.set_verbosity_error()
-    static = on_ipu or pipelined  # IPU graphs and traced pipelines have fixed shapes
-    padding = args.padding if args.padding != "auto" else "max_length" if static else "dynamic"
-    if static and padding == "dynamic":
-        raise FinetuneError("--padding dynamic is for CUDA/CPU without pipeline stages: IPU "
-                            "graphs and traced pipelines need static shapes")
-    if on_ipu and args.device_iterations < args.stages:
-        raise FinetuneError(f"--device-iterations {args.device_iterations} cannot fill a "
-                            f"{args.stages}-stage pipeline: use at least {args.stages}")
-    if pipelined and args.resume:
-        raise FinetuneError("--resume works for single-process and data-parallel runs; "
-                            "torchrun pipeline runs write no checkpoints")
-    group_by_length = args.group_by_length == "yes" or (
-        args.group_by_length == "auto" and padding == "dynamic")
-    accumulation = args.gradient_accumulation or (
-        2 * args.stages - 1 if (on_ipu or pipelined) and args.stages > 1 else 1)
-    step_batch = args.batch_size * accumulation
-    out_dir = prepare_output_dir(args) if ranks.is_main else None
-    if ranks.enabled:  # every rank writes to rank 0's directory (its name has a timestamp)
-        shared = [str(out_dir)]
-        dist.broadcast_object_list(shared)
-        out_dir = Path(shared[0])
-    seed_everything(args.seed)
-
-    # --- Data: load, check, label, subset, tokenize (only the splits we use).
-    with main_process_first(ranks):
-        splits = select_splits(load_raw_splits(args.dataset), args.text_column, args.label_column)
-        label_names = encode_labels(splits, args.label_column, args.label_names)
-        say("labels: " + ", ".join(f"{i}={name}" for i, name in enumerate(label_names)))
-        model, tokenizer = load_model(args.model, label_names)
-        tokenize_padding = "max_length" if padding == "max_length" else False
-        train_ds, train_lengths = tokenize(subset(splits["train"], args.train_samples, args.seed),
-                                           tokenizer, args, tokenize_padding)
-        eval_ds, eval_lengths = tokenize(subset(splits["eval"], args.eval_samples, args.seed),
-                                         tokenizer, args, tokenize_padding)
-    if len(train_ds) < step_batch * ranks.replicas:
-        raise FinetuneError(f"the train split has {len(train_ds)} samples, fewer than one "
-                            f"optimizer step's batch ({step_batch * ranks.replicas})")
-    eval_labels = eval_ds.with_format("numpy", columns=["labels"])["labels"][:]
-    if ranks.enabled:  # same initial weights everywhere, but each rank its own dropout masks
-        torch.manual_seed(args.seed + ranks.rank)
-
-    # --- Model: where each part runs.
-    plan = plan_stages(model, args.stages)
-    used_by = ("applied with poptorch.BeginBlock" if on_ipu else
-               f"one stage per rank, {ranks.replicas} replica(s)" if pipelined else
-               "used on IPU or by torchrun with --stages > 1")
-    say(f"pipeline stage plan ({args.stages} stages, {used_by})")
-    say(stage_table(model, plan))
-
-    stage_module = None
-    if on_ipu:
-        place_on_ipus(model, plan)
-        training_model, inference_model, optimizer, train_loader, eval_loader = ipu_models(
-            model, args, accumulation, train_ds, eval_ds)
-        train_step, eval_step = ipu_steps(training_model, inference_model)
-        eval_order = padded_indices(len(eval_ds), args.batch_size * args.device_iterations)
-        steps_per_epoch = len(train_loader)
-        host_batch = args.batch_size * args.device_iterations * accumulation
-        say(f"IPU: host batch {args.batch_size} x {args.device_iterations} device iterations x "
-            f"{accumulation} accumulated = {host_batch} samples; "
-            f"{step_batch} samples per optimizer step")
-    else:
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        if pipelined:
-            train_step, eval_step, optimizer, stage_module = pipeline_steps(
-                model, plan, args, ranks, device, accumulation)
-            # Static shapes: eval batches of device-iterations micro-batches, the
-            # last one padded with repeats (their predictions are the same).
-            eval_batch_size = args.batch_size * args.device_iterations
-            padded = padded_indices(len(eval_ds), eval_batch_size)
-            eval_batch_list = [padded[i:i + eval_batch_size]
-                               for i in range(0, len(padded), eval_batch_size)]
-        else:
-            model.to(device)
-            train_model = model
-            if ranks.enabled:
-                train_model = torch.nn.parallel.DistributedDataParallel(
-                    model, device_ids=[device.index] if device.type == "cuda" else None)
-            optimizer = adamw(model.parameters(), args.lr, device)
-            bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and device.type == "cuda")
-            train_step, eval_step = torch_steps(
-                torch.compile(train_model) if args.compile else train_model, model, optimizer,
-                device, accumulation, torch.bfloat16 if bf16 else None, ranks)
-            eval_batch_list = eval_batches(eval_lengths, args.eval_batch_size or
-                                           args.batch_size * args.device_iterations)
-        my_eval_batches = eval_batch_list[ranks.replica::ranks.replicas]
-        eval_order = [i for batch in my_eval_batches for i in batch]
-        eval_loader = torch_loader(eval_ds, my_eval_batches, tokenizer.pad_token_id)
-        steps_per_epoch = len(train_lengths) // (step_batch * ranks.replicas)
-        if ranks.enabled:
-            say(f"torchrun: {ranks.world} ranks = {ranks.replicas} replica(s) x {ranks.stages} "
-                f"stage(s); {step_batch * ranks.replicas} samples per optimizer step")
-
-    state = new_state()
-    if args.resume:
-        state, path = load_checkpoint(out_dir, model, optimizer)
-        say(f"resumed from {path} (epoch {state['epoch'] + 1}, step {state['step']})")
-
-    def save():
-        if ranks.is_main:
-            save_checkpoint(out_dir, model, optimizer, state, args.keep)
-        if ranks.enabled:
-            dist.barrier()
-        return list_checkpoints(out_dir)[-1]
-
-    mid_epoch_checkpoint = None if on_ipu or pipelined else save
-
-    # --- Train and validate: one progress bar over every iteration, as the tutorial.
-    iterations = steps_per_epoch + len(eval_loader)
-    bar = tqdm(total=args.epochs * iterations, initial=state["epoch"] * iterations + state["step"],
-               desc=f"{args.device} training", unit="it", disable=not ranks.is_main)
-    stop = StopRequest()
-    try:
-        for epoch in range(state["epoch"], args.epochs):
-            epoch_start = time.perf_counter()
-            if on_ipu:
-                training_model.attachToDevice()
-                train_epoch(train_step, train_loader, state, args, bar, None, stop, ranks)
-                training_model.detachFromDevice()  # copies the trained weights to the host
-                inference_model.attachToDevice()
-            else:
-                if state["batches"] is None:  # every replica's batches, in the checkpoint
-                    state["batches"] = train_batches(train_lengths, step_batch * ranks.replicas,
-                                                     args.seed, epoch, group_by_length)
-                share = slice(ranks.replica * step_batch, (ranks.replica + 1) * step_batch)
-                loader = torch_loader(train_ds, [batch[share] for batch in
-                                                 state["batches"][state["step"]:]],
-                                      tokenizer.pad_token_id)
-                train_epoch(train_step, loader, state, args, bar, mid_epoch_checkpoint, stop, ranks)
-            accuracy, eval_rate = evaluate(eval_step, eval_loader, eval_order, eval_labels, bar,
-                                           ranks)
-            if on_ipu:
-                inference_model.detachFromDevice()
-            if ranks.is_main:
-                tqdm.write(f"Accuracy: {accuracy:.3f}")
-            state["metrics"].append({
-                "epoch": epoch + 1,
-                "train_loss": state["loss_sum"] / max(state["loss_steps"], 1),
-                "accuracy": accuracy,
-                "train_samples_per_s": state["train_samples"] / state["train_seconds"],
-                "eval_samples_per_s": eval_rate,
-                "seconds": time.perf_counter() - epoch_start,
-                "skipped_steps": state["skipped_steps"],
-            })
-            state.update(epoch=epoch + 1, step=0, batches=None, loss_sum=0.0, loss_steps=0,
-                         train_samples=0, train_seconds=0.0, skipped_steps=0)
-            if ranks.is_main:
-                write_results(out_dir, state)
-            if not pipelined:
-                save()
-    except Interrupted as why:
-        path = save() if mid_epoch_checkpoint else (list_checkpoints(out_dir) or ["none"])[-1]
-        bar.close()
-        say(f"\nstopped by {why} at epoch {state['epoch'] + 1}, step {state['step']}; "
-            f"checkpoint: {path}\nresume with: python {sys.argv[0]} --resume {out_dir}")
-        raise SystemExit(130) from None
-    finally:
-        stop.restore()
-    bar.close()
-
-    # --- Save the fine-tuned model (on IPU the host copy, refreshed by detach).
-    if pipelined:
-        gather_pipeline_weights(model, stage_module, ranks)
-    if ranks.is_main:
-        model.save_pretrained(out_dir / "model")
-        tokenizer.save_pretrained(out_dir / "model")
-        say(f"model, metrics.jsonl and curves.png in {out_dir}")
-    return state["metrics"]
 
 
 def cli(argv=None):

@@ -103,6 +103,9 @@ def run_trainer(args, grouped, out_dir):
     start = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - start
+    # drop_last is the recipe's for training; Trainer applies it to eval batches too,
+    # which would leave the remainder of the eval set unpredicted.
+    training_args.dataloader_drop_last = False
     start = time.perf_counter()
     predictions = trainer.predict(test)
     eval_seconds = time.perf_counter() - start

@@ -80,6 +80,23 @@ def fake_poptorch(monkeypatch):
     return poptorch_standin
 
 
+def standin_env(tmp_path, **variables):
+    """Environment for a subprocess whose `import poptorch` gets the stand-in (NOT PopTorch)."""
+    shim = tmp_path / "poptorch_shim"
+    shim.mkdir(exist_ok=True)
+    (shim / "poptorch.py").write_text(
+        "import sys\nimport poptorch_standin\nsys.modules[__name__] = poptorch_standin\n")
+    path = os.pathsep.join([str(shim), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, **variables}
+
+
+def summary_of(stdout):
+    """The pre-training summary block as {row: value}."""
+    lines = stdout.split("Fine-tuning:\n", 1)[1].splitlines()
+    rows = [line.strip().split("  ", 1) for line in lines if line.startswith("  ")]
+    return {name: value.strip() for name, value in rows}
+
+
 def run_args(model_dir, data_dir, out_dir, *extra):
     """A quick CPU recipe for tests: short texts, a learning rate tiny models learn with."""
     return ["--model", str(model_dir), "--dataset", str(data_dir), "--output-dir", str(out_dir),

@@ -3,37 +3,62 @@
 PopTorch ships only with the Poplar SDK and cannot be installed here, so the IPU
 path of finetune_electra.py is checked against this module, injected as
 `poptorch` in sys.modules. It runs everything eagerly on the CPU and enforces the
-contracts of real PopTorch that the script relies on (see
-../shared/docs/poptorch-notes.md, read from PopTorch's source):
+contracts of real PopTorch that the script relies on (../shared/docs/poptorch-notes.md,
+read from PopTorch's source, tag sdk/poptorch/3.4.0; the file is named for each):
 
-- a DataLoader item holds batch_size * deviceIterations * gradientAccumulation
-  rows, and the Options it was given are frozen;
+- import: asserts that torch is the version PopTorch was built for, raising
+  AssertionError, not ImportError (python/__init__.py);
+- a DataLoader item holds batch_size * deviceIterations * replicationFactor *
+  gradientAccumulation rows, and the Options it was given are frozen (python/__init__.py);
 - a model's batch dimension must be a multiple of that product, and its input
   shapes are fixed when it is compiled (static graphs);
+- trainingModel and inferenceModel each take a shallow copy of the module and
+  never call .train()/.eval() (python/__init__.py): the graph is traced once, at
+  compile, in the modes the modules are in then, and every call runs that graph;
+- identity_loss is traced once per compile; a training graph needs exactly one;
+- PopTorch has no handler for scaled_dot_product_attention: tracing one fails;
 - the training model runs backward and the optimizer step itself, on a device
-  copy of the weights that reaches the host only on detach; the inference model
-  reads the host weights;
+  copy of the weights and optimizer state that reach the host only on detach; one
+  call runs deviceIterations optimizer steps of gradientAccumulation micro-batches
+  each (docs/user_guide/batching.rst); the inference model reads the host weights;
+- poptorch.optim.AdamW keeps the Adam moments in `ipu_state`/`ipu_param` of its
+  state_dict() (torch's `state` stays empty), and load_state_dict refuses a state
+  without them (python/optim.py);
 - compile/attach/detach errors use PopTorch's messages, and only one model can
-  hold the IPUs at a time;
+  hold the IPUs at a time (python/_poplar_executor.py);
+- the IPUs a model uses (IPUs x replicas) must be a power of two unless
+  autoRoundNumIPUs(True) (popart_compiler/source/CompilerImpl.cpp);
 - pipelined training needs gradientAccumulation >= 2 * IPUs - 1, inference
   needs deviceIterations >= IPUs, and an inference model refuses accumulation;
 - output modes: Final (training default) returns the last micro-batch, All
   (inference default) returns every micro-batch; `anchorMode` is absent, as in
-  SDK 2.5 and later;
-- exactly one identity_loss per training forward.
+  SDK 2.5 and later.
 
-Every call is logged in EVENTS so tests can check the order of the flow.
+Every compile, attach, detach and call is logged in EVENTS so tests can check the
+order of the flow. For tests that run the script in a subprocess: the environment
+variable POPTORCH_STANDIN_TORCH sets the torch version this "PopTorch" asserts, and
+POPTORCH_STANDIN_SIGKILL_AT_ATTACH=N kills the process at the training model's N-th attach.
 """
 
+import contextlib
 import copy
 import enum
+import os
+import signal
 import warnings
 
 import torch
 
-EVENTS = []          # ("compile" | "attach" | "detach" | "call", "training" | "inference")
-IDENTITY_LOSSES = []  # reduction of each identity_loss call
+# python/__init__.py: `assert torch.__version__.startswith("@TORCH_VERSION@"), ...`
+TORCH_VERSION = os.environ.get("POPTORCH_STANDIN_TORCH", torch.__version__)
+assert torch.__version__.startswith(TORCH_VERSION), (
+    f"This version of PopTorch only works with torch=={TORCH_VERSION} but the version "
+    f"installed is {torch.__version__}")
+
+EVENTS = []           # ("compile" | "attach" | "detach" | "call", "training" | "inference")
+IDENTITY_LOSSES = []  # (model name, reduction) of each identity_loss in a traced graph
 _holder = [None]      # the executor attached to the IPUs, if any
+_tracing = [None]     # the name of the model being traced, while it is
 _losses_in_forward = []
 
 
@@ -67,6 +92,7 @@ class Options:
         self.device_iterations = 1
         self.replication_factor = 1
         self.output_mode = OutputMode.Default
+        self.auto_round_num_ipus = False
         self.Training = _TrainingOptions(self)
         self._frozen = False
 
@@ -89,6 +115,11 @@ class Options:
         self.output_mode = mode
         return self
 
+    def autoRoundNumIPUs(self, value=True):
+        self._check_frozen()
+        self.auto_round_num_ipus = value
+        return self
+
     def rows_per_call(self):
         return self.device_iterations * self.replication_factor * self.Training.gradient_accumulation
 
@@ -104,7 +135,8 @@ class DataLoader(torch.utils.data.DataLoader):
 def identity_loss(x, reduction):
     if reduction not in ("sum", "mean", "none"):
         raise ValueError(f"identity_loss: unknown reduction {reduction!r}")
-    IDENTITY_LOSSES.append(reduction)
+    if _tracing[0] is not None:
+        IDENTITY_LOSSES.append((_tracing[0], reduction))
     out = {"sum": x.sum, "mean": x.mean, "none": x.clone}[reduction]()
     _losses_in_forward.append(out)
     return out
@@ -117,8 +149,23 @@ def BeginBlock(module, user_id=None, ipu_id=None):
 
 
 class _AdamW(torch.optim.AdamW):
+    """The host side of poptorch.optim.AdamW: the moments live on the IPU and come
+    back, after a detach, as `ipu_state` (popart's Accl1/Accl2/Step tensors)."""
+
     def __init__(self, params, lr=1e-3, loss_scaling=None, **kwargs):
         super().__init__(params, lr=lr, **kwargs)
+        self._ipu = {"ipu_state": None, "ipu_param": None}
+
+    def state_dict(self):
+        return {**self._ipu, **torch.optim.Optimizer.state_dict(self)}
+
+    def load_state_dict(self, state):
+        torch.optim.Optimizer.load_state_dict(self, state)
+        if not state:
+            raise RuntimeError("Cannot load optimizer state dictionary because it is empty.")
+        if not ("ipu_state" in state and "ipu_param" in state):
+            raise RuntimeError("Only IPU optimizer states can be loaded onto the IPU.")
+        self._ipu = {"ipu_state": state["ipu_state"], "ipu_param": state["ipu_param"]}
 
     def step(self, closure=None):
         raise RuntimeError("stand-in: a poptorch training model steps its optimizer itself; "
@@ -129,19 +176,41 @@ class optim:  # noqa: N801 - mirrors poptorch.optim
     AdamW = _AdamW
 
 
+ADAM_STATE = {"exp_avg": "Accl1___", "exp_avg_sq": "Accl2___", "step": "Step___"}
+
+
 def _ipus_used(module):
     return len({getattr(m, "_standin_ipu", None) for m in module.modules()} - {None}) or 1
 
 
+def _no_sdpa(*args, **kwargs):
+    raise RuntimeError("stand-in: PopTorch has no handler for aten::scaled_dot_product_attention "
+                       "(load the model with attn_implementation='eager')")
+
+
+@contextlib.contextmanager
+def _modes(modules, flags):
+    """Run with each module in the mode the graph was traced in, then put the flags back."""
+    before = [m.training for m in modules]
+    for module, flag in zip(modules, flags):
+        module.training = flag
+    try:
+        yield
+    finally:
+        for module, flag in zip(modules, before):
+            module.training = flag
+
+
 class _Executor:
     def __init__(self, model, options, training, optimizer=None):
-        self.model = model
+        self.model = copy.copy(model)  # python/__init__.py: a shallow copy, flags not synced
         self.options = options or Options()
         self.training = training
         self.optimizer = optimizer
         self.name = "training" if training else "inference"
-        self.compiled_shapes = None
+        self.compiled_shapes = self.traced_modes = None
         self.attached = False
+        self.attaches = 0
         self._device_model = self._device_optimizer = None
         if not training and self.options.Training.gradient_accumulation != 1:
             raise RuntimeError("Gradient accumulation is not supported for inference models")
@@ -158,17 +227,50 @@ class _Executor:
                                f"{self.compiled_shapes}, got {shapes} (IPU graphs are static)")
         return shapes
 
+    def _check_ipus(self):
+        ipus = _ipus_used(self.model) * self.options.replication_factor
+        rounded = 1 << (ipus - 1).bit_length()
+        if rounded != ipus and not self.options.auto_round_num_ipus:
+            raise RuntimeError(
+                f"The model specifies the use of {ipus} IPUs, however PopTorch must reserve a "
+                f"minimum of {rounded} in order to allow the model to run, because PopTorch "
+                "must reserve a power of 2 or maximum of 64 IPUs per process. Please "
+                "reconfigure your model to use a different number of IPUs or set "
+                "poptorch.Options().autoRoundNumIPUs(True).")
+        stages = _ipus_used(self.model)
+        if self.training and stages > 1 and \
+                self.options.Training.gradient_accumulation < 2 * stages - 1:
+            raise RuntimeError(f"Pipelined training over {stages} IPUs needs gradientAccumulation "
+                               f">= {2 * stages - 1} (number of pipeline stages)")
+        if not self.training and self.options.device_iterations < stages:
+            raise RuntimeError(f"Inference over {stages} pipelined IPUs needs "
+                               f"deviceIterations >= {stages}")
+
+    def _trace(self, args):
+        """Trace one micro-batch as PopTorch does at compile: in the modules' current modes."""
+        modules = list(self.model.modules())
+        self.traced_modes = [m.training for m in modules]
+        micro = [a[:a.shape[0] // self.options.rows_per_call()] for a in args]
+        _tracing[0], sdpa = self.name, torch.nn.functional.scaled_dot_product_attention
+        torch.nn.functional.scaled_dot_product_attention = _no_sdpa
+        _losses_in_forward.clear()
+        try:
+            with torch.random.fork_rng(), torch.no_grad():
+                self.model(*micro)
+        finally:
+            _tracing[0], torch.nn.functional.scaled_dot_product_attention = None, sdpa
+        if self.training and len(_losses_in_forward) != 1:
+            raise RuntimeError(f"the training graph must have exactly one loss "
+                               f"(identity_loss), found {len(_losses_in_forward)}")
+
     def compile(self, *args):
         if self.compiled_shapes is not None:
             warnings.warn("Model has already been compiled: compile() does nothing")
             return
-        ipus = _ipus_used(self.model)
-        if self.training and ipus > 1 and self.options.Training.gradient_accumulation < 2 * ipus - 1:
-            raise RuntimeError(f"Pipelined training over {ipus} IPUs needs gradientAccumulation "
-                               f">= {2 * ipus - 1} (number of pipeline stages)")
-        if not self.training and self.options.device_iterations < ipus:
-            raise RuntimeError(f"Inference over {ipus} pipelined IPUs needs deviceIterations >= {ipus}")
-        self.compiled_shapes = self._check(args)
+        self._check_ipus()
+        shapes = self._check(args)
+        self._trace(args)
+        self.compiled_shapes = shapes
         EVENTS.append(("compile", self.name))
         self.attachToDevice()
 
@@ -182,20 +284,38 @@ class _Executor:
                                "detach it first")
         _holder[0], self.attached = self, True
         EVENTS.append(("attach", self.name))
-        if self.training:  # upload the host weights and optimizer state
-            self._device_model = copy.deepcopy(self.model)
-            groups = self.optimizer.param_groups[0]
-            self._device_optimizer = torch.optim.AdamW(
-                self._device_model.parameters(),
-                **{k: groups[k] for k in ("lr", "betas", "eps", "weight_decay")})
-            self._device_optimizer.load_state_dict(self.optimizer.state_dict())
+        if self.training:
+            self.attaches += 1
+            if self.attaches == int(os.environ.get("POPTORCH_STANDIN_SIGKILL_AT_ATTACH", 0)):
+                os.kill(os.getpid(), signal.SIGKILL)
+            self._upload()
+
+    def _upload(self):
+        """The host weights and optimizer state (from a checkpoint, or a previous detach) go to the device."""
+        self._device_model = copy.deepcopy(self.model)
+        group = self.optimizer.param_groups[0]
+        self._device_optimizer = torch.optim.AdamW(
+            self._device_model.parameters(),
+            **{k: group[k] for k in ("lr", "betas", "eps", "weight_decay")})
+        ipu_state = self.optimizer._ipu["ipu_state"]
+        if ipu_state:
+            for name, param in self._device_model.named_parameters():
+                if f"Step___{name}" in ipu_state:
+                    self._device_optimizer.state[param] = {
+                        key: ipu_state[prefix + name].clone() for key, prefix in ADAM_STATE.items()}
 
     def detachFromDevice(self):
         if not self.attached:
             raise RuntimeError("Device is not attached")
-        if self.training:  # the trained weights come back to the host
+        if self.training:  # the trained weights and optimizer state come back to the host
             self.model.load_state_dict(self._device_model.state_dict())
-            torch.optim.AdamW.load_state_dict(self.optimizer, self._device_optimizer.state_dict())
+            names = {param: name for name, param in self._device_model.named_parameters()}
+            self.optimizer._ipu = {
+                "ipu_state": {prefix + names[param]: values[key].detach().clone()
+                              for param, values in self._device_optimizer.state.items()
+                              for key, prefix in ADAM_STATE.items()},
+                "ipu_param": {"learningRate": torch.tensor(self.optimizer.param_groups[0]["lr"])},
+            }
             self._device_model = self._device_optimizer = None
         _holder[0], self.attached = None, False
         EVENTS.append(("detach", self.name))
@@ -211,7 +331,9 @@ class _Executor:
         accumulation = self.options.Training.gradient_accumulation
         micro = [chunk for step in zip(*(a.chunk(steps) for a in args))
                  for chunk in zip(*(a.chunk(accumulation) for a in step))]
-        outputs = self._train(micro, accumulation) if self.training else self._infer(micro)
+        model = self._device_model if self.training else self.model
+        with _modes(list(model.modules()), self.traced_modes):
+            outputs = self._train(micro, accumulation) if self.training else self._infer(micro)
         mode = self.options.output_mode
         if mode == OutputMode.Default:
             mode = OutputMode.Final if self.training else OutputMode.All
@@ -222,13 +344,9 @@ class _Executor:
 
     def _train(self, micro, accumulation):
         model, optimizer, outputs = self._device_model, self._device_optimizer, []
-        model.train()
         for i, batch in enumerate(micro):
             _losses_in_forward.clear()
             out = model(*batch)
-            if len(_losses_in_forward) != 1:
-                raise RuntimeError(f"the training graph must have exactly one loss "
-                                   f"(identity_loss), found {len(_losses_in_forward)}")
             (_losses_in_forward[0].mean() / accumulation).backward()  # gradients are averaged
             if (i + 1) % accumulation == 0:
                 optimizer.step()
@@ -238,7 +356,6 @@ class _Executor:
 
     @torch.no_grad()
     def _infer(self, micro):
-        self.model.eval()
         return [tuple(self.model(*batch)) for batch in micro]
 
 

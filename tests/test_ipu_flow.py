@@ -1,18 +1,24 @@
 """The IPU path against the PopTorch stand-in (tests/poptorch_standin.py), not on IPUs."""
 
+import json
+import signal
+import subprocess
+import sys
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import finetune_electra as fe
-from conftest import cpu_accuracy, run_args
+from conftest import ROOT, cli_error, cpu_accuracy, run_args, standin_env, summary_of
 
 IPU_ARGS = ["--device", "ipu", "--device-iterations", "4", "--batch-size", "4",
             "--train-samples", "224", "--eval-samples", "50", "--max-length", "32"]
+SCRIPT = str(ROOT / "finetune_electra.py")
 
 
 @pytest.fixture
-def ipu_run(fake_poptorch, tiny_model_dir, sentiment_dir, tmp_path, monkeypatch):
+def ipu_run(fake_poptorch, tiny_model_dir, sentiment_dir, tmp_path, monkeypatch, capsys):
     placed = []
     begin_block = fake_poptorch.BeginBlock
 
@@ -21,21 +27,23 @@ def ipu_run(fake_poptorch, tiny_model_dir, sentiment_dir, tmp_path, monkeypatch)
         return begin_block(module, user_id, ipu_id)
 
     monkeypatch.setattr(fake_poptorch, "BeginBlock", record)
-    metrics = fe.main(run_args(tiny_model_dir, sentiment_dir, tmp_path / "run", *IPU_ARGS))
-    return metrics, placed, tmp_path / "run"
+    metrics = fe.main(run_args(tiny_model_dir, sentiment_dir, tmp_path / "run", *IPU_ARGS,
+                               "--log-every", "1"))
+    return metrics, placed, tmp_path / "run", capsys.readouterr().out
 
 
 def test_begin_blocks_follow_the_stage_plan(ipu_run, tiny_model_dir):
-    _, placed, _ = ipu_run
+    _, placed, _, _ = ipu_run
     model, _ = fe.load_model(str(tiny_model_dir), ["0", "1"])
     assert placed == fe.plan_stages(model, 4)
     assert sorted({ipu for _, ipu in placed}) == [0, 1, 2, 3]
 
 
-def test_identity_loss_only_in_training_with_reduction_none(ipu_run, fake_poptorch):
-    # 224 samples / (4 per micro-batch x 4 device iterations x 7 accumulated) = 2 host batches
-    # per epoch, 2 epochs: 2 x 2 x 28 micro-batches went through the training graph.
-    assert fake_poptorch.IDENTITY_LOSSES == ["none"] * (2 * 2 * 4 * 7)
+def test_identity_loss_is_traced_once_in_the_training_graph_only(ipu_run, fake_poptorch):
+    # Each PopTorch model traces a shallow copy of the wrapper once, at compile; the
+    # inference copy's own `training` flag is still True, so the wrapper must read
+    # the wrapped model's flag or the inference graph gets an identity_loss too.
+    assert fake_poptorch.IDENTITY_LOSSES == [("training", "none")]
 
 
 def test_attach_detach_order_is_the_tutorials(ipu_run, fake_poptorch):
@@ -51,20 +59,57 @@ def test_attach_detach_order_is_the_tutorials(ipu_run, fake_poptorch):
 
 
 def test_training_changes_weights_and_inference_sees_them(ipu_run, tiny_model_dir):
-    metrics, _, out = ipu_run
+    metrics, _, out, _ = ipu_run
     before = load_file(tiny_model_dir / "model.safetensors")
     after = load_file(out / "model" / "model.safetensors")
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert len(changed) > len(before) // 2
     # The accuracy the inference model reported is that of the trained host weights.
-    model, tokenizer = fe.load_model(str(out / "model"), ["0", "1"])
     assert [m["epoch"] for m in metrics] == [1, 2]
     assert 0.0 <= metrics[-1]["accuracy"] <= 1.0
     assert metrics[-1]["accuracy"] == pytest.approx(cpu_accuracy(out), abs=1e-9)
 
 
+def test_steps_and_losses_are_counted_per_optimizer_step(ipu_run):
+    """One host call runs device-iterations optimizer steps, each with its own loss."""
+    _, _, out, stdout = ipu_run
+    summary = summary_of(stdout)
+    # 224 samples / (4 per micro-batch x 4 device iterations x 7 accumulated) = 2 calls per
+    # epoch, each of 4 optimizer steps of 28 samples
+    assert summary["host batch"] == "112 samples"
+    assert summary["samples per optimizer step"] == "28"
+    assert summary["optimizer steps per epoch"] == "8"
+    assert summary["optimizer steps in total"] == "16"
+    assert summary["device"] == "IPU, 4 pipeline stages (IPUs)"
+    curve = json.loads((out / "loss_curve.json").read_text())
+    assert [step for step, _ in curve] == list(range(1, 17))  # --log-every 1: every step
+    assert len({round(loss, 6) for _, loss in curve}) > 8  # each step's own loss, not a repeat
+    state = json.loads((fe.list_checkpoints(out)[-1] / "state.json").read_text())
+    assert state["global_step"] == 16
+    assert "pipeline stage plan (4 stages, applied with poptorch.BeginBlock)" in stdout
+
+
+def test_a_non_finite_loss_names_the_optimizer_step(fake_poptorch, monkeypatch, capsys,
+                                                    tiny_model_dir, sentiment_dir, tmp_path):
+    from transformers import ElectraForSequenceClassification
+    forward, calls = ElectraForSequenceClassification.forward, []
+
+    def forward_with_nan(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if self.training:
+            calls.append(1)
+            if len(calls) == 1 + 14 + 1:  # the compile trace, 14 good micro-batches, then NaN
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(ElectraForSequenceClassification, "forward", forward_with_nan)
+    err = cli_error(capsys, run_args(tiny_model_dir, sentiment_dir, tmp_path, *IPU_ARGS))
+    # micro-batch 15 belongs to optimizer step 3 (7 micro-batches a step)
+    assert "the loss became nan at epoch 1, step 3 (the IPU had already applied that step)" in err
+
+
 def test_eval_with_output_mode_all_returns_every_sample(fake_poptorch, tiny_model_dir):
-    model, _ = fe.load_model(str(tiny_model_dir), ["0", "1"])
+    model, _ = fe.load_model(str(tiny_model_dir), ["0", "1"], eager_attention=True)
     opts = fe.ipu_options(fe.parse_args(["--device-iterations", "8"]), 1, training=False)
     assert opts.output_mode == fake_poptorch.OutputMode.All
     wrapped = fe.IPUWrapper(model).eval()
@@ -92,7 +137,7 @@ def test_pipelined_training_without_enough_accumulation_fails_as_on_sdk_2_4(
         fake_poptorch, tiny_model_dir, sentiment_dir, tmp_path):
     with pytest.raises(RuntimeError, match="gradientAccumulation >= 7"):
         fe.main(run_args(tiny_model_dir, sentiment_dir, tmp_path, *IPU_ARGS,
-                         "--gradient-accumulation", "1"))
+                         "--gradient-accumulation", "1", "--train-samples", "400"))
 
 
 def test_device_iterations_must_fill_the_pipeline(fake_poptorch, tiny_model_dir, sentiment_dir,
@@ -105,3 +150,117 @@ def test_device_iterations_must_fill_the_pipeline(fake_poptorch, tiny_model_dir,
 def test_ipu_runs_with_static_shapes_only(fake_poptorch, tiny_model_dir, sentiment_dir, tmp_path):
     with pytest.raises(fe.FinetuneError, match="IPU graphs and traced pipelines need static shapes"):
         fe.main(run_args(tiny_model_dir, sentiment_dir, tmp_path, *IPU_ARGS, "--padding", "dynamic"))
+
+
+@pytest.mark.parametrize("stages", ["3", "5", "6", "7"])
+def test_ipu_counts_that_are_not_a_power_of_two_are_refused_before_loading(
+        fake_poptorch, capsys, stages, tmp_path):
+    err = cli_error(capsys, ["--device", "ipu", "--ipus", stages, "--device-iterations", "8",
+                             "--dataset", "./nowhere", "--output-dir", str(tmp_path)])
+    assert f"--ipus {stages}: PopTorch reserves IPUs in powers of two" in err
+
+
+def test_the_standin_refuses_three_ipus_as_poptorch_does(fake_poptorch, tiny_model_dir):
+    model, _ = fe.load_model(str(tiny_model_dir), ["0", "1"], eager_attention=True)
+    fe.place_on_ipus(model, fe.plan_stages(model, 3))
+    opts = fe.ipu_options(fe.parse_args(["--device-iterations", "8"]), 1, training=False)
+    ids = torch.randint(1000, 2000, (32, 16))
+    with pytest.raises(RuntimeError, match="must reserve a minimum of 4"):
+        fake_poptorch.inferenceModel(fe.IPUWrapper(model).eval(), opts).compile(
+            ids, torch.ones_like(ids), torch.zeros(32, dtype=torch.long))
+
+
+def test_a_train_set_smaller_than_one_host_batch_is_a_clear_error(
+        fake_poptorch, capsys, tiny_model_dir, sentiment_dir, tmp_path):
+    err = cli_error(capsys, run_args(tiny_model_dir, sentiment_dir, tmp_path, *IPU_ARGS,
+                                     "--train-samples", "100"))
+    assert ("the train split has 100 samples, fewer than one IPU host batch "
+            "(4 x 4 device iterations x 7 accumulated) (112)") in err
+
+
+@pytest.mark.parametrize("flag", [["--on-nan", "skip"], ["--save-every", "5"]])
+def test_what_an_ipu_cannot_do_is_refused_before_work(fake_poptorch, capsys, flag, tmp_path):
+    err = cli_error(capsys, ["--device", "ipu", *flag, "--dataset", "./nowhere",
+                             "--output-dir", str(tmp_path)])
+    assert "not" in err and "IPU" in err and flag[0] in err
+
+
+def test_models_are_loaded_with_eager_attention_on_ipu(fake_poptorch, tiny_model_dir,
+                                                       sentiment_dir, tmp_path, monkeypatch):
+    """PopTorch has no handler for scaled_dot_product_attention: the stand-in refuses it."""
+    loaded = []
+    load_model = fe.load_model
+
+    def spy(name, labels, eager_attention=False):
+        model, tokenizer = load_model(name, labels, eager_attention)
+        loaded.append(model.config._attn_implementation)
+        return model, tokenizer
+
+    monkeypatch.setattr(fe, "load_model", spy)
+    fe.main(run_args(tiny_model_dir, sentiment_dir, tmp_path, *IPU_ARGS, "--epochs", "1"))
+    assert loaded == ["eager"]
+
+
+def test_the_standin_refuses_sdpa_as_poptorch_does(fake_poptorch):
+    class Attention(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v), q.sum()
+
+    x = torch.randn(8, 2, 4, 16)
+    with pytest.raises(RuntimeError, match="no handler for aten::scaled_dot_product_attention"):
+        fake_poptorch.inferenceModel(Attention(), fake_poptorch.Options().deviceIterations(8)).compile(
+            x, x, x)
+
+
+def test_a_poptorch_that_refuses_this_torch_is_one_clear_line(tmp_path):
+    env = standin_env(tmp_path, POPTORCH_STANDIN_TORCH="0.0.1")
+    for device in ("ipu", "auto"):
+        proc = subprocess.run([sys.executable, SCRIPT, "--device", device,
+                               "--output-dir", str(tmp_path / "out")],
+                              capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        [error] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert ("PopTorch is installed but will not import (This version of PopTorch only works "
+                f"with torch==0.0.1 but the version installed is {torch.__version__})") in error
+        assert "pip install -r requirements-ipu.txt" in error
+
+
+def run_script(argv, env):
+    proc = subprocess.run([sys.executable, SCRIPT, *argv], capture_output=True, text=True,
+                          env=env, timeout=300)
+    return proc
+
+
+def test_an_ipu_run_killed_mid_run_resumes_with_the_same_weights_and_moments(
+        tiny_model_dir, sentiment_dir, tmp_path):
+    argv = [*IPU_ARGS[:-2], "--max-length", "32", "--epochs", "2"]
+    unbroken = run_script(run_args(tiny_model_dir, sentiment_dir, tmp_path / "unbroken", *argv),
+                          standin_env(tmp_path))
+    assert unbroken.returncode == 0, unbroken.stderr[-2000:]
+    # The training model's attaches: compile, epoch 1, epoch 2: killed as epoch 2 starts.
+    killed = run_script(run_args(tiny_model_dir, sentiment_dir, tmp_path / "killed", *argv),
+                        standin_env(tmp_path, POPTORCH_STANDIN_SIGKILL_AT_ATTACH="3"))
+    assert killed.returncode == -signal.SIGKILL
+    assert [c.name for c in fe.list_checkpoints(tmp_path / "killed")] == ["step-00000008-end"]
+    resumed = run_script(["--resume", str(tmp_path / "killed")], standin_env(tmp_path))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout and "(epoch 2, step 0)" in resumed.stdout
+
+    [a, b] = [fe.list_checkpoints(tmp_path / run)[-1] for run in ("unbroken", "killed")]
+    assert a.name == b.name == "step-00000016-end"
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        tensors_a, tensors_b = load_file(a / name), load_file(b / name)
+        assert tensors_a.keys() == tensors_b.keys()
+        for key in tensors_a:
+            torch.testing.assert_close(tensors_b[key], tensors_a[key], rtol=1e-5, atol=1e-7)
+    moments = [k for k in load_file(a / "optimizer.safetensors") if k.startswith("ipu_state/")]
+    assert any(k.startswith("ipu_state/Accl1___") for k in moments)  # Adam's moments, saved
+    assert any(k.startswith("ipu_state/Accl2___") for k in moments)
+
+
+def test_an_ipu_checkpoint_does_not_resume_on_cpu_and_back(capsys, tiny_model_dir, sentiment_dir,
+                                                            tmp_path, fake_poptorch):
+    out = tmp_path / "ipu"
+    fe.main(run_args(tiny_model_dir, sentiment_dir, out, *IPU_ARGS, "--epochs", "1"))
+    err = cli_error(capsys, ["--resume", str(out), "--device", "cpu", "--epochs", "2"])
+    assert "was written on an IPU: resume it with --device ipu" in err

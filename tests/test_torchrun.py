@@ -1,5 +1,7 @@
 """torchrun on CPUs (gloo): data parallel and pipeline stages give the single-process run."""
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -9,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import finetune_electra as fe
-from conftest import ROOT, cli_error, cpu_accuracy, tiny_electra
+from conftest import ROOT, cli_error, cpu_accuracy, summary_of, tiny_electra
 
 # Micro-batches of 2 and 8 samples per optimizer step in every layout, the same
 # batches in the same order, static padding, no dropout: the runs must agree.
@@ -52,7 +54,10 @@ def torchrun(nproc, *argv):
 def runs(deterministic_model_dir, sentiment_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("layouts")
     data = ["--model", str(deterministic_model_dir), "--dataset", str(sentiment_dir), *COMMON]
-    fe.main([*data, "--gradient-accumulation", "4", "--output-dir", str(root / "single")])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        fe.main([*data, "--gradient-accumulation", "4", "--output-dir", str(root / "single")])
+    (root / "single" / "stdout.txt").write_text(printed.getvalue())
     for name, (nproc, layout) in LAYOUTS.items():
         if name in PIPELINE_LAYOUTS and not fe.has_pipelining():
             continue
@@ -88,6 +93,21 @@ def test_multi_rank_accuracy_counts_every_eval_sample_once(runs, layout):
     assert [m["epoch"] for m in metrics] == [1, 2]
     assert metrics[-1]["accuracy"] == pytest.approx(cpu_accuracy(runs / layout), abs=1e-9)
     assert metrics[-1]["accuracy"] == read(runs / "single", "metrics.jsonl")[-1]["accuracy"]
+
+
+def test_the_summary_counts_steps_and_samples_over_the_ranks(runs):
+    """2 DDP ranks x micro-batch 2 x accumulation 2 = 8 samples a step; 96 // 8 = 12 steps."""
+    summary = summary_of((runs / "ddp" / "stdout.txt").read_text())
+    assert summary["device"] == "cpu, torchrun: 2 ranks = 2 replica(s) x 1 stage(s)"
+    assert summary["samples per optimizer step"] == "8"
+    assert summary["optimizer steps per epoch"] == "12"
+    assert summary["optimizer steps in total"] == "24"
+    assert summary["gradient accumulation"] == "2 micro-batches per optimizer step"
+    assert summary["train examples"] == "96" and summary["eval examples"] == "50"
+    single = (runs / "single" / "stdout.txt").read_text()
+    assert summary_of(single)["samples per optimizer step"] == "8"
+    assert summary_of(single)["device"] == "cpu"
+    assert "pipeline stage plan" not in single  # no stages on one CPU process: no table
 
 
 @NEEDS_PIPELINING
