@@ -19,7 +19,9 @@ results, prediction, and `main()` that puts them together.
 """
 
 import argparse
+import codecs
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -51,6 +53,7 @@ except AssertionError as refused:
 import datasets
 import transformers
 from datasets import ClassLabel, Dataset, DatasetDict, load_dataset, load_from_disk
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -59,12 +62,59 @@ class FinetuneError(Exception):
     """A problem the user can fix: printed as one line, without a traceback."""
 
 
+def read_text(path, flag=None):
+    """A UTF-8 text file. A byte that is not UTF-8 is an error naming the file and
+    where, not silently replaced: the text is what the model learns from."""
+    where = f"{flag} {path}" if flag else str(path)
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise not_utf8(where, exc) from None
+    except OSError as exc:
+        raise FinetuneError(f"{where}: {exc.strerror}") from None
+
+
+def check_utf8(path):
+    """The same check for a data file that another library reads (some pass bad bytes on)."""
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as exc:
+                raise not_utf8(path, exc, offset) from None
+            offset += len(block)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as exc:
+        raise not_utf8(path, exc, offset) from None
+
+
+def not_utf8(where, exc, offset=0):
+    return FinetuneError(f"{where} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} "
+                         f"at position {offset + exc.start})")
+
+
+def read_json(path):
+    try:
+        return json.loads(read_text(path))
+    except ValueError as exc:
+        raise FinetuneError(f"{path} is not valid JSON ({exc})") from None
+
+
 # ----------------------------------------------------------------------------
 # 1. Arguments: the defaults are the tutorial's recipe.
 # ----------------------------------------------------------------------------
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's own errors (a word where a number goes) as one `error:` line, like ours."""
+
+    def error(self, message):
+        raise FinetuneError(message)
+
+
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Fine-tune ELECTRA (or any BERT-family model) for text classification, "
         "as in Graphcore's tutorial, on IPU, CUDA or CPU.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -143,7 +193,7 @@ def parse_args(argv=None):
         # Continue with the arguments the run was started with; anything given
         # again on this command line wins.
         args.resume = resolve_resume_dir(args.resume)
-        saved = json.loads((args.resume / "args.json").read_text())
+        saved = read_json(args.resume / "args.json")
         parser.set_defaults(**{k: v for k, v in saved.items() if k not in ("resume", "texts")})
         resumed = parser.parse_args(argv)
         if resumed.model != saved["model"]:
@@ -151,10 +201,37 @@ def parse_args(argv=None):
                                 f"not {resumed.model}: resume it without --model")
         resumed.resume, resumed.output_dir = args.resume, str(args.resume)
         args = resumed
-    for name in ("epochs", "batch_size", "max_length", "stages", "device_iterations", "keep"):
-        if getattr(args, name) < 1:
-            raise FinetuneError(f"--{name.replace('_', '-')} must be at least 1")
+    check_ranges(args)
     return args
+
+
+# The range each number must be in: (flag, smallest, largest); None where unbounded.
+# The model's own limit on --max-length is checked when the model is loaded.
+NUMBER_RANGES = [
+    ("epochs", 1, None), ("batch_size", 1, None), ("eval_batch_size", 1, None),
+    ("max_length", 2, None),  # [CLS] and [SEP] at least
+    ("gradient_accumulation", 1, None), ("stages", 1, None), ("device_iterations", 1, None),
+    ("train_samples", 1, None), ("eval_samples", 1, None), ("log_every", 1, None),
+    ("save_every", 1, None), ("keep", 1, None),
+    ("seed", 0, 2**32 - 1),  # what numpy's generator takes
+    ("lr", 0, 1),  # above 1 AdamW only diverges
+]
+
+
+def check_ranges(args):
+    """Every number in its range before any work, with the flag named."""
+    for name, low, high in NUMBER_RANGES:
+        value = getattr(args, name)
+        if value is None:  # optional, not given
+            continue
+        flag = "--" + name.replace("_", "-")
+        if not math.isfinite(value) or value < low or (high is not None and value > high) \
+                or (name == "lr" and value == 0):
+            limits = (f"more than 0 and at most {high}" if name == "lr" else
+                      f"from {low} to {high}" if high is not None else f"at least {low}")
+            raise FinetuneError(f"{flag} {value}: must be {limits}")
+    if args.label_names is not None and not all(args.label_names.split(",")):
+        raise FinetuneError(f"--label-names {args.label_names!r}: a name is empty")
 
 
 # ----------------------------------------------------------------------------
@@ -235,7 +312,7 @@ def read_aclimdb(root):
         texts, labels = [], []
         for label, name in enumerate(("neg", "pos")):
             for f in sorted((root / split / name).glob("*.txt")):
-                texts.append(f.read_text(encoding="utf-8"))
+                texts.append(read_text(f))
                 labels.append(label)
         splits[split] = Dataset.from_dict(
             {"text": texts, "label": labels},
@@ -259,18 +336,33 @@ def read_data_files(root):
     empty = [f for fs in by_split.values() for f in fs if os.path.getsize(f) == 0]
     if empty:
         raise FinetuneError(f"{empty[0]} is empty")
-    kind, splits = kinds.pop(), {}
-    for split, files in by_split.items():
-        try:
-            splits[split] = load_dataset(kind, data_files=files, split="train")
-        except Exception as exc:  # datasets wraps the reader's error: show the reader's
-            while exc.__cause__ or exc.__context__:
-                exc = exc.__cause__ or exc.__context__
-            if "corresponds to no data" in str(exc):
-                raise FinetuneError(f"the {split} split is empty ({', '.join(files)})") from None
-            raise FinetuneError(f"could not read the {split} files in {root} "
-                                f"({first_line(exc)})") from None
-    return DatasetDict(splits)
+    kind = kinds.pop()
+    if kind != "parquet":
+        for f in (f for fs in by_split.values() for f in fs):
+            check_utf8(f)
+    return DatasetDict({split: read_split(root, kind, split, files)
+                        for split, files in by_split.items()})
+
+
+def read_split(root, kind, split, files):
+    try:
+        return load_dataset(kind, data_files=files, split="train")
+    except Exception as exc:  # datasets wraps the reader's error: show the reader's
+        while exc.__cause__ or exc.__context__:
+            exc = exc.__cause__ or exc.__context__
+        if "corresponds to no data" in str(exc):
+            raise FinetuneError(f"the {split} split is empty ({', '.join(files)})") from None
+        culprit = next((f for f in files if len(files) > 1 and not readable(kind, f)), files[0])
+        raise FinetuneError(f"could not read the {split} files in {root}: {Path(culprit).name} "
+                            f"({first_line(exc)})") from None
+
+
+def readable(kind, data_file):
+    try:
+        load_dataset(kind, data_files=[data_file], split="train")
+    except Exception:
+        return False
+    return True
 
 
 def looks_like_path(name):
@@ -391,6 +483,8 @@ def load_model(name, label_names, eager_attention=False):
     if not path_given and looks_like_path(name):
         raise FinetuneError(f"--model {name}: no such directory")
     attention = {"attn_implementation": "eager"} if eager_attention else {}
+    if path_given:
+        check_model_dir(Path(name).expanduser())
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -399,11 +493,36 @@ def load_model(name, label_names, eager_attention=False):
             label2id={n: i for i, n in enumerate(label_names)},
             ignore_mismatched_sizes=True,  # a head fine-tuned for other labels starts afresh
             **attention)
-    except OSError as exc:
+    except Exception as exc:  # the hub client and the loaders raise many kinds
         where = f"directory {name}" if path_given else f"'{name}' from the Hugging Face Hub"
         hint = "" if path_given else f"; {OFFLINE_HINT}"
         raise FinetuneError(f"could not load model {where} ({first_line(exc)}){hint}") from None
     return model, tokenizer
+
+
+def check_model_dir(path):
+    """Name the damaged file of a model directory, rather than fail somewhere inside
+    transformers: checksums where this script wrote them, else the files' own structure."""
+    if not path.is_dir():
+        raise FinetuneError(f"{path} is not a directory")
+    damaged = damaged_files(path)
+    if damaged:
+        raise FinetuneError(f"{path / damaged[0]} is damaged: its checksum is not the one "
+                            "written with it")
+    for f in sorted(path.glob("*.json")):
+        read_json(f)
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception as exc:  # safetensors reads the header and checks the file's size
+            raise FinetuneError(f"{f} is damaged ({first_line(exc)})") from None
+
+
+def max_tokens(model, tokenizer):
+    """The longest input the model takes: its position table, or the tokenizer's limit."""
+    return min(getattr(model.config, "max_position_embeddings", 10**9),
+               tokenizer.model_max_length)
 
 
 class Data:
@@ -422,6 +541,11 @@ def load_data_and_model(args, padding, say, eager_attention):
     label_names = encode_labels(splits, args.label_column, args.label_names)
     say("labels: " + ", ".join(f"{i}={name}" for i, name in enumerate(label_names)))
     model, tokenizer = load_model(args.model, label_names, eager_attention)
+    # Longer than the model takes is an error, not a silent clamp: the length sets the shapes.
+    limit = max_tokens(model, tokenizer)
+    if args.max_length > limit:
+        raise FinetuneError(f"--max-length {args.max_length}: this model takes at most {limit} "
+                            "tokens; use that or less")
     tokenize_padding = "max_length" if padding == "max_length" else False
     train, train_lengths = tokenize(subset(splits["train"], args.train_samples, args.seed),
                                     tokenizer, args, tokenize_padding)
@@ -1113,7 +1237,7 @@ class Run:
         self.saving, self.mid_epoch = (model, optimizer), mid_epoch
         if self.args.resume:
             self.state, path = load_checkpoint(self.out_dir, model, optimizer,
-                                               on_ipu=self.args.device == "ipu")
+                                               on_ipu=self.args.device == "ipu", say=self.say)
             self.say(f"resumed from {path} (epoch {self.state['epoch'] + 1}, "
                      f"step {self.state['step']})")
 
@@ -1215,7 +1339,8 @@ class Run:
         state.update(epoch=state["epoch"] + 1, step=0, batches=None, loss_sum=0.0, loss_steps=0,
                      train_samples=0, train_seconds=0.0, skipped_steps=0)
         if self.ranks.is_main:
-            write_results(self.out_dir, state)
+            with writing(f"the results in {self.out_dir}"):
+                write_results(self.out_dir, state)
         if self.saving:
             self.save()
 
@@ -1241,6 +1366,47 @@ class Run:
 # Each checkpoint is written into a hidden temporary directory, flushed to
 # disk, and renamed into place: a kill mid-write leaves the previous one whole.
 # ----------------------------------------------------------------------------
+
+CHECKSUMS = "checksums.json"
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(folder):
+    """A SHA-256 of each file, so that damage after writing (a copy cut short, a bad
+    disk) is found when the folder is read again."""
+    sums = {f.name: sha256_of(f) for f in sorted(folder.iterdir()) if f.name != CHECKSUMS}
+    (folder / CHECKSUMS).write_text(json.dumps(sums, indent=1))
+
+
+def damaged_files(folder):
+    """Files missing or changed since write_checksums(); none known without a checksums.json."""
+    if not (folder / CHECKSUMS).exists():
+        return []
+    try:
+        sums = read_json(folder / CHECKSUMS)
+    except FinetuneError:
+        sums = None
+    if not isinstance(sums, dict):  # the checksums themselves are damaged
+        return [CHECKSUMS]
+    return [name for name, digest in sums.items()
+            if not (folder / name).is_file() or sha256_of(folder / name) != digest]
+
+
+@contextlib.contextmanager
+def writing(what):
+    """A full disk or an unwritable folder while writing: one line, not a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        raise FinetuneError(f"could not write {what} ({exc.strerror or exc})") from None
+
 
 # PopTorch's AdamW keeps the Adam moments in these parts of its state_dict(), as
 # tensors named by the IPU graph; torch's `state` stays empty (poptorch/optim.py).
@@ -1316,24 +1482,39 @@ def save_checkpoint(out_dir, model, optimizer, state, keep):
     root = out_dir / "checkpoints"
     final = root / checkpoint_name(state)
     if final.exists():  # this very state is saved already (Ctrl-C right after a checkpoint)
-        return final
+        if not damaged_files(final):
+            return final
+        shutil.rmtree(final)  # the damaged copy a resumed run fell back from
     tmp = root / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    opt_tensors, opt_json = split_optimizer_state(optimizer.state_dict())
-    rng_tensors, rng_json = rng_state()
-    save_file({k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-              tmp / "model.safetensors")
-    save_file({**opt_tensors, **rng_tensors}, tmp / "optimizer.safetensors")
-    (tmp / "state.json").write_text(json.dumps({**state, "optimizer": opt_json, "rng": rng_json}))
-    for f in tmp.iterdir():
-        fsync_path(f)
-    fsync_path(tmp)
-    os.rename(tmp, final)
-    fsync_path(root)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write_checkpoint_files(tmp, model, optimizer, state)
+        os.rename(tmp, final)
+        fsync_path(root)
+    except OSError as exc:  # a full disk: the previous checkpoint stays the newest, intact
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = list_checkpoints(out_dir)
+        kept = f"the newest intact one is {previous[-1]}" if previous else "no earlier one"
+        raise FinetuneError(f"could not write checkpoint {final} ({exc.strerror or exc}); "
+                            f"{kept}") from None
     for old in list_checkpoints(out_dir)[:-keep]:
         shutil.rmtree(old)
     return final
+
+
+def write_checkpoint_files(folder, model, optimizer, state):
+    opt_tensors, opt_json = split_optimizer_state(optimizer.state_dict())
+    rng_tensors, rng_json = rng_state()
+    save_file({k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+              folder / "model.safetensors")
+    save_file({**opt_tensors, **rng_tensors}, folder / "optimizer.safetensors")
+    (folder / "state.json").write_text(json.dumps({**state, "optimizer": opt_json,
+                                                   "rng": rng_json}))
+    write_checksums(folder)
+    for f in folder.iterdir():
+        fsync_path(f)
+    fsync_path(folder)
 
 
 def list_checkpoints(out_dir):
@@ -1342,27 +1523,58 @@ def list_checkpoints(out_dir):
     return sorted(root.glob("step-*")) if root.is_dir() else []
 
 
-def load_checkpoint(out_dir, model, optimizer, on_ipu=False):
-    """Restore the newest checkpoint into model and optimizer; return the run state."""
+class DamagedCheckpoint(Exception):
+    pass
+
+
+def load_checkpoint(out_dir, model, optimizer, on_ipu=False, say=print):
+    """Restore the newest intact checkpoint into model and optimizer; return the run state.
+
+    A damaged checkpoint (its checksums, or files that do not read) is reported in
+    one line and the one before it is tried: that is what --keep is for.
+    """
     checkpoints = list_checkpoints(out_dir)
     if not checkpoints:
         raise FinetuneError(f"no checkpoint in {out_dir}/checkpoints: nothing to resume")
-    path = checkpoints[-1]
-    weights = load_file(path / "model.safetensors")
+    problems = []
+    for path in reversed(checkpoints):
+        try:
+            return restore_checkpoint(path, model, optimizer, on_ipu), path
+        except DamagedCheckpoint as why:
+            say(f"warning: checkpoint {path} is damaged ({why}); trying the one before it")
+            problems.append(f"{path.name}: {why}")
+    raise FinetuneError(f"no intact checkpoint in {out_dir}/checkpoints ({'; '.join(problems)})")
+
+
+def read_checkpoint(path):
+    """Everything a checkpoint holds, checked before anything is restored from it."""
+    damaged = damaged_files(path)
+    if damaged:
+        raise DamagedCheckpoint(f"{damaged[0]}: its checksum is not the one written with it")
+    try:
+        state = read_json(path / "state.json")
+        return (state, load_file(path / "model.safetensors"),
+                load_file(path / "optimizer.safetensors"))
+    except FinetuneError as exc:
+        raise DamagedCheckpoint(str(exc)) from None
+    except Exception as exc:  # safetensors: truncated or unreadable
+        raise DamagedCheckpoint(first_line(exc)) from None
+
+
+def restore_checkpoint(path, model, optimizer, on_ipu):
+    state, weights, tensors = read_checkpoint(path)
     expected = model.state_dict()
     if set(weights) != set(expected) or any(weights[k].shape != expected[k].shape for k in weights):
         raise FinetuneError(f"{path} was saved from another model architecture than --model")
-    state = json.loads((path / "state.json").read_text())
     opt_json = state.pop("optimizer")
     written_on_ipu = bool(opt_json.get("ipu_parts"))
     if written_on_ipu != on_ipu:  # the Adam moments are kept in another form on each
         raise FinetuneError(f"{path} was written on {'an IPU' if written_on_ipu else 'CUDA/CPU'}: "
                             f"resume it with --device {'ipu' if written_on_ipu else 'cpu or cuda'}")
     model.load_state_dict(weights)
-    tensors = load_file(path / "optimizer.safetensors")
     optimizer.load_state_dict(join_optimizer_state(tensors, opt_json))
     set_rng_state(tensors, state.pop("rng"))
-    return state, path
+    return state
 
 
 def resolve_resume_dir(value):
@@ -1415,8 +1627,10 @@ def predict(model_dir, texts, max_length=512, batch_size=32):
                             "use <output-dir>/model from a training run")
     if not texts:
         raise FinetuneError("--predict: give texts to classify, or --predict-file")
+    check_model_dir(Path(model_dir))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    max_length = min(max_length, max_tokens(model, tokenizer))  # longer texts are truncated
     results = []
     for i in range(0, len(texts), batch_size):
         enc = tokenizer(texts[i:i + batch_size], truncation=True, max_length=max_length,
@@ -1429,10 +1643,7 @@ def predict(model_dir, texts, max_length=512, batch_size=32):
 
 
 def read_lines(path):
-    try:
-        texts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
-    except OSError as exc:
-        raise FinetuneError(f"--predict-file {path}: {exc.strerror}") from None
+    texts = [line.strip() for line in read_text(path, "--predict-file").splitlines()]
     return [t for t in texts if t]
 
 
@@ -1499,8 +1710,10 @@ def finetune(args, device, ranks):
 
     # The fine-tuned model (on IPU the host copy, refreshed by the last detach).
     if ranks.is_main:
-        model.save_pretrained(out_dir / "model")
-        tokenizer.save_pretrained(out_dir / "model")
+        with writing(f"the model to {out_dir / 'model'}"):
+            model.save_pretrained(out_dir / "model")
+            tokenizer.save_pretrained(out_dir / "model")
+            write_checksums(out_dir / "model")  # --predict checks them
         say(f"model, metrics.jsonl and curves.png in {out_dir}")
     return run.state["metrics"]
 
@@ -1508,7 +1721,10 @@ def finetune(args, device, ranks):
 def main(argv=None):
     args = parse_args(argv)
     if args.predict:
-        texts = args.texts + (read_lines(args.predict_file) if args.predict_file else [])
+        from_file = read_lines(args.predict_file) if args.predict_file else []
+        if args.predict_file and not from_file:
+            raise FinetuneError(f"--predict-file {args.predict_file} holds no text")
+        texts = args.texts + from_file
         results = predict(args.predict, texts, args.max_length)
         for text, (label, prob) in zip(texts, results):
             print(f"{label}\t{prob:.3f}\t{text}")

@@ -115,11 +115,33 @@ def test_keep_prunes_old_checkpoints_and_state_is_json_and_safetensors(unbroken)
     # 100 steps per epoch, --save-every 10, --keep 2: step 200 mid-epoch and at the epoch's end
     assert [c.name for c in checkpoints] == ["step-00000200", "step-00000200-end"]
     assert sorted(p.name for p in checkpoints[-1].iterdir()) == [
-        "model.safetensors", "optimizer.safetensors", "state.json"]
+        "checksums.json", "model.safetensors", "optimizer.safetensors", "state.json"]
     state = json.loads((checkpoints[-1] / "state.json").read_text())
     assert state["epoch"] == 2 and state["step"] == 0 and len(state["metrics"]) == 2
     optimizer_tensors = load_file(checkpoints[-1] / "optimizer.safetensors")
     assert "rng.torch" in optimizer_tensors and "0.exp_avg" in optimizer_tensors
+
+
+def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(unbroken, tiny_model_dir,
+                                                                  sentiment_dir, tmp_path):
+    """Epoch 1 with checkpoints every 10 steps, the newest (the epoch's end) damaged on disk:
+    --resume says so, continues from step 100 and ends as the unbroken 2-epoch run."""
+    out = tmp_path / "run"
+    fe.main(run_args(tiny_model_dir, sentiment_dir, out, "--batch-size", "4", "--save-every", "10",
+                     "--epochs", "1", "--keep", "3"))
+    checkpoints = fe.list_checkpoints(out)
+    assert [c.name for c in checkpoints] == ["step-00000090", "step-00000100", "step-00000100-end"]
+    data = bytearray((checkpoints[-1] / "model.safetensors").read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit, in the tensor data: only the checksum sees it
+    (checkpoints[-1] / "model.safetensors").write_bytes(bytes(data))
+    resumed = subprocess.run([sys.executable, SCRIPT, "--resume", str(out), "--epochs", "2"],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (f"warning: checkpoint {checkpoints[-1]} is damaged (model.safetensors: its checksum "
+            "is not the one written with it); trying the one before it") in resumed.stdout
+    assert f"resumed from {checkpoints[1]} (epoch 1, step 100)" in resumed.stdout
+    assert_same_run(unbroken, out)
+    assert not any(fe.damaged_files(c) for c in fe.list_checkpoints(out))  # rewritten whole
 
 
 def test_predict_matches_the_in_process_model(unbroken, capsys):
