@@ -4,7 +4,6 @@ in one `error:` line naming the flag or the file, exit code 2, no traceback.
 Table-driven: each flag gets several bad values (zero, negative, absurd, wrong type);
 each kind of file gets damaged copies (truncated, bit-flipped, emptied, wrong encoding)."""
 
-import json
 import shutil
 
 import pytest
@@ -204,7 +203,6 @@ def test_when_every_checkpoint_is_damaged_the_error_names_them(capsys, finished_
     assert "no intact checkpoint in" in err
     for checkpoint in checkpoints:
         assert f"{checkpoint.name}: {name}" in err
-    out = capsys.readouterr().out
 
 
 def test_a_full_disk_while_checkpointing_keeps_the_previous_one(monkeypatch, capsys, tiny_model_dir,
