@@ -167,6 +167,13 @@ def build_parser():
     ipu.add_argument("--device-iterations", type=int, default=8,
                      help="IPU: steps run on the device per call from the host; "
                      "torchrun pipeline: micro-batches per eval batch")
+    ipu.add_argument("--replicas", type=int, default=1,
+                     help="IPU: copies of the pipeline, each on its own IPUs, averaging their "
+                     "gradients (replicationFactor); under torchrun the process count sets them")
+    ipu.add_argument("--executable-cache", default=str(Path.home() / ".cache" / "finetune_electra"
+                                                       / "executables"),
+                     help="IPU: where compiled graphs are kept, so that a second run with the "
+                     "same graphs skips compiling; 'none' turns it off")
     ipu.add_argument("--schedule", choices=["gpipe", "1f1b"], default="1f1b",
                      help="torchrun pipeline schedule")
 
@@ -211,6 +218,7 @@ NUMBER_RANGES = [
     ("epochs", 1, None), ("batch_size", 1, None), ("eval_batch_size", 1, None),
     ("max_length", 2, None),  # [CLS] and [SEP] at least
     ("gradient_accumulation", 1, None), ("stages", 1, None), ("device_iterations", 1, None),
+    ("replicas", 1, None),
     ("train_samples", 1, None), ("eval_samples", 1, None), ("log_every", 1, None),
     ("save_every", 1, None), ("keep", 1, None),
     ("seed", 0, 2**32 - 1),  # what numpy's generator takes
@@ -259,10 +267,11 @@ def pick_device(requested):
 
 def check_ipu_args(args):
     """What PopTorch would refuse only after minutes of loading and compiling."""
-    stages = args.stages
-    if stages & (stages - 1) or stages > 64:  # popart_compiler/source/CompilerImpl.cpp
-        raise FinetuneError(f"--ipus {stages}: PopTorch reserves IPUs in powers of two (at most "
-                            "64), so use 1, 2, 4, 8 or 16 stages")
+    stages, ipus = args.stages, args.stages * args.replicas
+    if ipus & (ipus - 1) or ipus > 64:  # popart_compiler/source/CompilerImpl.cpp
+        raise FinetuneError(f"--ipus {stages} x --replicas {args.replicas} = {ipus} IPUs: PopTorch "
+                            "reserves IPUs in powers of two (at most 64 per process), so use "
+                            "stage and replica counts of 1, 2, 4, 8 or 16")
     if args.device_iterations < stages:
         raise FinetuneError(f"--device-iterations {args.device_iterations} cannot fill a "
                             f"{stages}-stage pipeline: use at least {stages}")
@@ -682,6 +691,14 @@ def ipu_options(args, accumulation, training):
     # Device iterations: the IPU runs this many optimizer steps (in training) per
     # call from the host, which is out of the loop meanwhile.
     opts = poptorch.Options().deviceIterations(args.device_iterations)
+    # Replicas: copies of the whole pipeline on their own IPUs, each on rows of its
+    # own; their gradients are averaged into each step (PopTorch's default
+    # ReductionType.Mean), as DDP does.
+    opts.replicationFactor(args.replicas)
+    # Compiling takes minutes: keep the executables, and a second run with the
+    # same graphs loads them instead.
+    if args.executable_cache != "none":
+        opts.enableExecutableCaching(args.executable_cache)
     # Output mode All: validation needs every prediction (the tutorial's
     # anchorMode(All)); in training it brings back every micro-batch's loss, so
     # each optimizer step's loss is known (the default, Final, returns the last
@@ -716,16 +733,19 @@ def finetune_on_ipus(args, model, plan, data, run):
     eval_opts = ipu_options(args, 1, training=False)
 
     # poptorch.DataLoader makes host batches of batch x device iterations (x the
-    # accumulation in training) samples: 4 x 8 x 7 = 224 per training call.
-    host_batch = args.batch_size * args.device_iterations * accumulation
+    # accumulation in training, x the replicas) samples: 4 x 8 x 7 = 224 per
+    # training call on the tutorial's 4 IPUs.
+    replicas = args.replicas
+    host_batch = args.batch_size * args.device_iterations * accumulation * replicas
     require_train_samples(data, host_batch, f"one IPU host batch ({args.batch_size} x "
-                          f"{args.device_iterations} device iterations x {accumulation} accumulated)")
+                          f"{args.device_iterations} device iterations x {accumulation} accumulated"
+                          + (f" x {replicas} replicas)" if replicas > 1 else ")"))
     train_loader = poptorch.DataLoader(train_opts, data.train, batch_size=args.batch_size,
                                        shuffle=True, drop_last=True)
     # A static graph cannot take a short last batch. The tutorial dropped it; here
     # the eval set is padded with repeats of its first review, whose extra
     # predictions are ignored, so accuracy is over every review.
-    eval_rows = padded_indices(len(data.eval), args.batch_size * args.device_iterations)
+    eval_rows = padded_indices(len(data.eval), args.batch_size * args.device_iterations * replicas)
     eval_loader = poptorch.DataLoader(eval_opts, torch.utils.data.Subset(data.eval, eval_rows),
                                       batch_size=args.batch_size, shuffle=False, drop_last=True)
 
@@ -744,25 +764,30 @@ def finetune_on_ipus(args, model, plan, data, run):
     for ipu_model, loader, training in ((training_model, train_loader, True),
                                         (inference_model, eval_loader, False)):
         model.train(training)
-        batch = next(iter(loader))
+        batch, start = next(iter(loader)), time.perf_counter()
         ipu_model.compile(batch["input_ids"], batch["attention_mask"], batch["labels"])
         ipu_model.detachFromDevice()
+        run.say(f"{'training' if training else 'inference'} graph compiled (or loaded from "
+                f"--executable-cache) in {time.perf_counter() - start:.1f} s")
     # --resume: the host weights and PopTorch's optimizer state, uploaded at the next attach.
     run.checkpoint(model, optimizer, mid_epoch=False)
 
     run.start(iterations_per_epoch=len(train_loader) + len(eval_loader),
               steps_per_epoch=len(train_loader) * args.device_iterations,
-              step_samples=args.batch_size * accumulation, accumulation=accumulation,
-              device=f"IPU, {args.stages} pipeline stages (IPUs)",
+              step_samples=args.batch_size * accumulation * replicas, accumulation=accumulation,
+              device=(f"IPU, {args.stages} pipeline stages x {replicas} replica(s) = "
+                      f"{args.stages * replicas} IPUs"),
               extra={"device iterations": f"{args.device_iterations} optimizer steps per call",
-                     "host batch": f"{host_batch} samples"})
+                     "host batch": f"{host_batch} samples",
+                     "executable cache": args.executable_cache})
     for _ in run.epochs():
         training_model.attachToDevice()
         for batch in train_loader:
             losses, _ = training_model(batch["input_ids"], batch["attention_mask"], batch["labels"])
             # One call ran device-iterations optimizer steps: one loss for each step
-            # (the mean of its micro-batches'), counted as the CPU loop counts them.
-            step_losses = losses.reshape(args.device_iterations, accumulation).mean(1)
+            # (the mean of its micro-batches', on every replica), counted as the CPU
+            # loop counts them.
+            step_losses = losses.reshape(args.device_iterations, -1).mean(1)
             run.steps_done(step_losses.tolist(), len(batch["labels"]), applied=True)
         training_model.detachFromDevice()  # the trained weights come back to the host
 
@@ -1734,6 +1759,9 @@ def main(argv=None):
     args.device = "ipu" if device == "ipu" else device.type
     if args.device == "ipu":
         check_ipu_args(args)
+    elif args.replicas > 1:
+        raise FinetuneError("--replicas is for IPUs; on CUDA/CPU start one process per replica "
+                            "with torchrun (see the README)")
     ranks = setup_distributed(args, device)
     try:
         return finetune(args, device, ranks)

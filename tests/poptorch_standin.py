@@ -10,6 +10,12 @@ read from PopTorch's source, tag sdk/poptorch/3.4.0; the file is named for each)
   AssertionError, not ImportError (python/__init__.py);
 - a DataLoader item holds batch_size * deviceIterations * replicationFactor *
   gradientAccumulation rows, and the Options it was given are frozen (python/__init__.py);
+- replication: each device iteration's rows are split into accumulation x replicas
+  micro-batches (in that order, as popart lays out a step's input), every replica gets
+  rows of its own, and their gradients are averaged with the accumulated ones into one
+  optimizer step (ReductionType.Mean, the default of options.py); output mode All
+  returns every replica's rows;
+- enableExecutableCaching(path) is recorded in CACHES when a model compiles;
 - a model's batch dimension must be a multiple of that product, and its input
   shapes are fixed when it is compiled (static graphs);
 - trainingModel and inferenceModel each take a shallow copy of the module and
@@ -56,6 +62,7 @@ assert torch.__version__.startswith(TORCH_VERSION), (
     f"installed is {torch.__version__}")
 
 EVENTS = []           # ("compile" | "attach" | "detach" | "call", "training" | "inference")
+CACHES = []           # (model name, executable cache path) at each compile
 IDENTITY_LOSSES = []  # (model name, reduction) of each identity_loss in a traced graph
 _holder = [None]      # the executor attached to the IPUs, if any
 _tracing = [None]     # the name of the model being traced, while it is
@@ -64,6 +71,7 @@ _losses_in_forward = []
 
 def reset():
     EVENTS.clear()
+    CACHES.clear()
     IDENTITY_LOSSES.clear()
     _holder[0] = None
 
@@ -93,6 +101,7 @@ class Options:
         self.replication_factor = 1
         self.output_mode = OutputMode.Default
         self.auto_round_num_ipus = False
+        self.executable_cache = None
         self.Training = _TrainingOptions(self)
         self._frozen = False
 
@@ -118,6 +127,11 @@ class Options:
     def autoRoundNumIPUs(self, value=True):
         self._check_frozen()
         self.auto_round_num_ipus = value
+        return self
+
+    def enableExecutableCaching(self, path):
+        self._check_frozen()
+        self.executable_cache = path
         return self
 
     def rows_per_call(self):
@@ -272,6 +286,7 @@ class _Executor:
         self._trace(args)
         self.compiled_shapes = shapes
         EVENTS.append(("compile", self.name))
+        CACHES.append((self.name, self.options.executable_cache))
         self.attachToDevice()
 
     def attachToDevice(self):
@@ -327,13 +342,15 @@ class _Executor:
             self.attachToDevice()
         self._check(args)
         EVENTS.append(("call", self.name))
-        steps = self.options.device_iterations * self.options.replication_factor
-        accumulation = self.options.Training.gradient_accumulation
-        micro = [chunk for step in zip(*(a.chunk(steps) for a in args))
-                 for chunk in zip(*(a.chunk(accumulation) for a in step))]
+        # A step's rows: [accumulation][replicas][micro-batch]; one optimizer step each.
+        per_step = self.options.Training.gradient_accumulation * self.options.replication_factor
+        micro = [chunk for step in zip(*(a.chunk(self.options.device_iterations) for a in args))
+                 for chunk in zip(*(a.chunk(per_step) for a in step))]
+        if self.training:  # (eval rows may repeat: a padded last host batch)
+            self._check_replicas_differ(micro)
         model = self._device_model if self.training else self.model
         with _modes(list(model.modules()), self.traced_modes):
-            outputs = self._train(micro, accumulation) if self.training else self._infer(micro)
+            outputs = self._train(micro, per_step) if self.training else self._infer(micro)
         mode = self.options.output_mode
         if mode == OutputMode.Default:
             mode = OutputMode.Final if self.training else OutputMode.All
@@ -342,13 +359,21 @@ class _Executor:
         return tuple(torch.cat([torch.atleast_1d(o[i]) for o in outputs])
                      for i in range(len(outputs[0])))
 
-    def _train(self, micro, accumulation):
+    def _check_replicas_differ(self, micro):
+        replicas = self.options.replication_factor
+        for start in range(0, len(micro), replicas):
+            group = [m[0] for m in micro[start:start + replicas]]
+            if any(torch.equal(a, b) for i, a in enumerate(group) for b in group[i + 1:]):
+                raise RuntimeError("stand-in: two replicas got the same rows in one step")
+
+    def _train(self, micro, per_step):
         model, optimizer, outputs = self._device_model, self._device_optimizer, []
         for i, batch in enumerate(micro):
             _losses_in_forward.clear()
             out = model(*batch)
-            (_losses_in_forward[0].mean() / accumulation).backward()  # gradients are averaged
-            if (i + 1) % accumulation == 0:
+            # ReductionType.Mean: gradients averaged over accumulation and replicas
+            (_losses_in_forward[0].mean() / per_step).backward()
+            if (i + 1) % per_step == 0:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             outputs.append(tuple(o.detach() for o in out))

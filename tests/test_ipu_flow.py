@@ -80,7 +80,7 @@ def test_steps_and_losses_are_counted_per_optimizer_step(ipu_run):
     assert summary["samples per optimizer step"] == "28"
     assert summary["optimizer steps per epoch"] == "8"
     assert summary["optimizer steps in total"] == "16"
-    assert summary["device"] == "IPU, 4 pipeline stages (IPUs)"
+    assert summary["device"] == "IPU, 4 pipeline stages x 1 replica(s) = 4 IPUs"
     curve = json.loads((out / "loss_curve.json").read_text())
     assert [step for step, _ in curve] == list(range(1, 17))  # --log-every 1: every step
     assert len({round(loss, 6) for _, loss in curve}) > 8  # each step's own loss, not a repeat
@@ -157,7 +157,7 @@ def test_ipu_counts_that_are_not_a_power_of_two_are_refused_before_loading(
         fake_poptorch, capsys, stages, tmp_path):
     err = cli_error(capsys, ["--device", "ipu", "--ipus", stages, "--device-iterations", "8",
                              "--dataset", "./nowhere", "--output-dir", str(tmp_path)])
-    assert f"--ipus {stages}: PopTorch reserves IPUs in powers of two" in err
+    assert f"--ipus {stages} x --replicas 1 = {stages} IPUs: PopTorch reserves IPUs in powers of two" in err
 
 
 def test_the_standin_refuses_three_ipus_as_poptorch_does(fake_poptorch, tiny_model_dir):
@@ -264,3 +264,84 @@ def test_an_ipu_checkpoint_does_not_resume_on_cpu_and_back(capsys, tiny_model_di
     fe.main(run_args(tiny_model_dir, sentiment_dir, out, *IPU_ARGS, "--epochs", "1"))
     err = cli_error(capsys, ["--resume", str(out), "--device", "cpu", "--epochs", "2"])
     assert "was written on an IPU: resume it with --device ipu" in err
+
+
+# --- replicas of the pipeline and the executable cache (IPU-POD scale) ------------------
+
+@pytest.mark.parametrize("layout,expected", [
+    # 4 stages x 2 replicas: host batch 4 x 4 x 7 x 2 = 224, 1 call of 4 steps per epoch
+    (["--replicas", "2", "--train-samples", "224"],
+     {"device": "IPU, 4 pipeline stages x 2 replica(s) = 8 IPUs", "host batch": "224 samples",
+      "samples per optimizer step": "56", "optimizer steps per epoch": "4"}),
+    # 2 stages x 4 replicas, batch 2: host batch 2 x 4 x 3 x 4 = 96, 2 calls of 4 steps
+    (["--replicas", "4", "--ipus", "2", "--batch-size", "2", "--train-samples", "192"],
+     {"device": "IPU, 2 pipeline stages x 4 replica(s) = 8 IPUs", "host batch": "96 samples",
+      "samples per optimizer step": "24", "optimizer steps per epoch": "8"}),
+])
+def test_replicas_multiply_the_host_batch_and_every_eval_sample_is_predicted_once(
+        fake_poptorch, capsys, tiny_model_dir, sentiment_dir, tmp_path, layout, expected):
+    out = tmp_path / "run"
+    metrics = fe.main(run_args(tiny_model_dir, sentiment_dir, out, *IPU_ARGS, *layout,
+                               "--epochs", "1", "--log-every", "1"))
+    summary = summary_of(capsys.readouterr().out)
+    assert {key: summary[key] for key in expected} == expected
+    steps = int(expected["optimizer steps per epoch"])
+    assert [s for s, _ in json.loads((out / "loss_curve.json").read_text())] == \
+        list(range(1, steps + 1))
+    # 50 eval reviews in host batches of 4 x 4 x replicas rows: padded, each predicted once
+    assert metrics[-1]["accuracy"] == pytest.approx(cpu_accuracy(out), abs=1e-9)
+
+
+def test_replicas_get_rows_of_their_own_and_average_their_gradients(fake_poptorch):
+    """Two replicas with one micro-batch each make one step, as one replica with both."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 1)
+
+    class WithLoss(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x, y):
+            loss = torch.nn.functional.mse_loss(self.layer(x).squeeze(-1), y)
+            return fake_poptorch.identity_loss(loss, reduction="none"), loss
+
+    x, y = torch.randn(8, 4), torch.randn(8)
+    results = []
+    for replicas, batch in ((2, 4), (1, 8)):
+        layer.load_state_dict({"weight": torch.ones(1, 4), "bias": torch.zeros(1)})
+        fake_poptorch.reset()
+        optimizer = fake_poptorch.optim.AdamW(layer.parameters(), lr=0.1)
+        opts = fake_poptorch.Options().replicationFactor(replicas)
+        model = fake_poptorch.trainingModel(WithLoss().train(), opts, optimizer)
+        model(x, y)
+        model.detachFromDevice()
+        results.append(layer.weight.detach().clone())
+    torch.testing.assert_close(results[0], results[1])
+    with pytest.raises(RuntimeError, match="two replicas got the same rows"):
+        fake_poptorch.trainingModel(WithLoss().train(),
+                                    fake_poptorch.Options().replicationFactor(2),
+                                    fake_poptorch.optim.AdamW(layer.parameters()))(
+            torch.cat([x[:4], x[:4]]), torch.cat([y[:4], y[:4]]))
+
+
+@pytest.mark.parametrize("cache", ["cache-dir", "none"])
+def test_the_executable_cache_is_given_to_both_models(fake_poptorch, tiny_model_dir,
+                                                      sentiment_dir, tmp_path, cache):
+    path = str(tmp_path / cache) if cache != "none" else "none"
+    fe.main(run_args(tiny_model_dir, sentiment_dir, tmp_path / "run", *IPU_ARGS, "--epochs", "1",
+                     "--executable-cache", path))
+    expected = None if cache == "none" else path
+    assert fake_poptorch.CACHES == [("training", expected), ("inference", expected)]
+
+
+def test_replica_and_stage_counts_multiply_to_a_power_of_two(fake_poptorch, capsys, tmp_path):
+    err = cli_error(capsys, ["--device", "ipu", "--ipus", "4", "--replicas", "3",
+                             "--dataset", "./nowhere", "--output-dir", str(tmp_path)])
+    assert "--ipus 4 x --replicas 3 = 12 IPUs: PopTorch reserves IPUs in powers of two" in err
+
+
+def test_replicas_are_for_ipus(capsys, tmp_path):
+    err = cli_error(capsys, ["--device", "cpu", "--replicas", "2", "--dataset", "./nowhere",
+                             "--output-dir", str(tmp_path)])
+    assert "--replicas is for IPUs" in err and "torchrun" in err
