@@ -1243,6 +1243,8 @@ def new_state():
 
 
 class Run:
+    """One fine-tuning run's bookkeeping, the same for the IPU and the CUDA/CPU flow."""
+
     def __init__(self, args, out_dir, ranks, data, padding, model):
         self.args, self.out_dir, self.ranks, self.data = args, out_dir, ranks, data
         self.padding, self.model = padding, model

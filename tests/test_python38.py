@@ -26,7 +26,7 @@ def test_syntax_is_python_38(path):
 def test_no_builtin_methods_newer_than_python_38(path):
     found = [(node.lineno, node.attr) for node in ast.walk(ast.parse(path.read_text()))
              if isinstance(node, ast.Attribute) and node.attr in NEWER_METHODS]
-    found += [(node.lineno, "zip(strict=)") for node in ast.walk(ast.parse(path.read_text()))
+    found += [(node.lineno, "zip(..., strict)") for node in ast.walk(ast.parse(path.read_text()))
               if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "zip"
               and any(k.arg == "strict" for k in node.keywords)]
     assert found == [], f"{path.name}: Python 3.9+ only: {found}"
