@@ -212,32 +212,25 @@ def parse_args(argv=None):
     return args
 
 
-# The range each number must be in: (flag, smallest, largest); None where unbounded.
-# The model's own limit on --max-length is checked when the model is loaded.
-NUMBER_RANGES = [
-    ("epochs", 1, None), ("batch_size", 1, None), ("eval_batch_size", 1, None),
-    ("max_length", 2, None),  # [CLS] and [SEP] at least
-    ("gradient_accumulation", 1, None), ("stages", 1, None), ("device_iterations", 1, None),
-    ("replicas", 1, None),
-    ("train_samples", 1, None), ("eval_samples", 1, None), ("log_every", 1, None),
-    ("save_every", 1, None), ("keep", 1, None),
-    ("seed", 0, 2**32 - 1),  # what numpy's generator takes
-    ("lr", 0, 1),  # above 1 AdamW only diverges
+# What each number must be, as (argument, test, words for the error); optional ones
+# that were not given are None and skipped. The model's own limit on --max-length is
+# checked when the model is loaded.
+COUNTS = ("epochs", "batch_size", "eval_batch_size", "gradient_accumulation", "stages",
+          "device_iterations", "replicas", "train_samples", "eval_samples", "log_every",
+          "save_every", "keep")
+NUMBER_RANGES = [(name, lambda v: v >= 1, "at least 1") for name in COUNTS] + [
+    ("max_length", lambda v: v >= 2, "at least 2 (the [CLS] and [SEP] tokens)"),
+    ("seed", lambda v: 0 <= v < 2**32, "from 0 to 4294967295 (what numpy's generator takes)"),
+    ("lr", lambda v: 0 < v <= 1, "more than 0 and at most 1 (above that AdamW only diverges)"),
 ]
 
 
 def check_ranges(args):
     """Every number in its range before any work, with the flag named."""
-    for name, low, high in NUMBER_RANGES:
+    for name, in_range, words in NUMBER_RANGES:
         value = getattr(args, name)
-        if value is None:  # optional, not given
-            continue
-        flag = "--" + name.replace("_", "-")
-        if not math.isfinite(value) or value < low or (high is not None and value > high) \
-                or (name == "lr" and value == 0):
-            limits = (f"more than 0 and at most {high}" if name == "lr" else
-                      f"from {low} to {high}" if high is not None else f"at least {low}")
-            raise FinetuneError(f"{flag} {value}: must be {limits}")
+        if value is not None and not (math.isfinite(value) and in_range(value)):
+            raise FinetuneError(f"--{name.replace('_', '-')} {value}: must be {words}")
     if args.label_names is not None and not all(args.label_names.split(",")):
         raise FinetuneError(f"--label-names {args.label_names!r}: a name is empty")
 
