@@ -38,3 +38,15 @@ def test_pretrained_minilm_learns_real_imdb(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "labels: 0=neg, 1=pos" in out and "Accuracy: " in out
     assert metrics[0]["accuracy"] > 0.7  # chance is 0.5 on this balanced slice
+
+
+def test_tiny_electra_learns_through_the_ipu_flow_on_the_standin(fake_poptorch, tiny_model_dir,
+                                                                 sentiment_dir, tmp_path):
+    """The IPU flow (against the PopTorch stand-in, not an IPU): 2 stages, host batches of
+    8 x 2 device iterations x 3 accumulated, 16 optimizer steps of 24 reviews per epoch."""
+    metrics = fe.main(run_args(tiny_model_dir, sentiment_dir, tmp_path, "--device", "ipu",
+                               "--ipus", "2", "--device-iterations", "2", "--epochs", "5",
+                               "--log-every", "4"))
+    assert [m["epoch"] for m in metrics] == [1, 2, 3, 4, 5]
+    assert metrics[0]["accuracy"] < 0.9 < metrics[-1]["accuracy"]
+    assert metrics[-1]["train_loss"] < 0.7 * metrics[0]["train_loss"]
