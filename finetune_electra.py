@@ -209,6 +209,8 @@ def parse_args(argv=None):
         resumed.resume, resumed.output_dir = args.resume, str(args.resume)
         args = resumed
     check_ranges(args)
+    if (args.texts or args.predict_file) and not args.predict:
+        raise FinetuneError("texts to classify (or --predict-file) need --predict MODEL_DIR")
     return args
 
 
@@ -1057,6 +1059,10 @@ def setup_distributed(args, device):
         raise FinetuneError(f"torchrun with --stages {args.stages} needs torch.distributed."
                             f"pipelining, in torch 2.4 or newer (this is torch {torch.__version__}): "
                             "use --stages 1 (data parallel) or a newer torch")
+    if args.stages > 1 and (args.resume or args.save_every):
+        raise FinetuneError(f"--{'resume' if args.resume else 'save-every'} works for "
+                            "single-process and data-parallel runs; torchrun pipeline runs "
+                            "write no checkpoints")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -1705,9 +1711,6 @@ def finetune(args, device, ranks):
     if not ranks.is_main:  # one voice: rank 0 speaks for all
         datasets.disable_progress_bars()
         transformers.logging.set_verbosity_error()
-    if pipelined and args.resume:
-        raise FinetuneError("--resume works for single-process and data-parallel runs; "
-                            "torchrun pipeline runs write no checkpoints")
     padding = choose_padding(args, static=on_ipu or pipelined)
     out_dir = prepare_output_dir(args, ranks)
     seed_everything(args.seed)

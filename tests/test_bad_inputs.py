@@ -222,3 +222,25 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_one(monkeypatch, cap
             f"(No space left on device); the newest intact one is {first}") in err
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000010"]  # no .tmp
     assert fe.damaged_files(first) == []
+
+
+def test_texts_without_predict_are_refused_not_ignored(capsys, tmp_path):
+    err = cli_error(capsys, ["a wonderful film", "--output-dir", str(tmp_path / "out")])
+    assert "texts to classify (or --predict-file) need --predict MODEL_DIR" in err
+    err = cli_error(capsys, ["--predict-file", "reviews.txt", "--output-dir", str(tmp_path / "out")])
+    assert "need --predict MODEL_DIR" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag", [["--save-every", "5"], ["--resume", "RUN"]])
+def test_checkpoint_flags_on_torchrun_pipelines_are_refused(monkeypatch, capsys, tmp_path,
+                                                            finished_run, flag):
+    """Pipeline runs write no checkpoints: asking for them is an error, not silently nothing."""
+    monkeypatch.setattr(fe, "has_pipelining", lambda: True)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    flag = [str(finished_run) if value == "RUN" else value for value in flag]
+    err = cli_error(capsys, ["--device", "cpu", "--stages", "2", *flag,
+                             "--output-dir", str(tmp_path / "out")])
+    assert f"{flag[0]} works for single-process and data-parallel runs" in err
+    assert not (tmp_path / "out").exists()
