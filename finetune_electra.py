@@ -712,6 +712,12 @@ def place_on_ipus(model, plan):
         setattr(parent, attr, poptorch.BeginBlock(getattr(parent, attr), name, ipu_id=stage))
 
 
+def gradient_accumulation(args, stages):
+    """--gradient-accumulation, else 2 x stages - 1: enough micro-batches to fill and
+    drain a pipeline's forward and backward stages (1 without stages)."""
+    return args.gradient_accumulation or 2 * stages - 1
+
+
 def padded_indices(n, multiple):
     """All n indices, padded with repeats of sample 0 to a whole number of batches."""
     return list(range(n)) + [0] * (-n % multiple)
@@ -723,7 +729,7 @@ def finetune_on_ipus(args, model, plan, data, run):
     # step to fill and drain the forward and backward stages; PopTorch checks it
     # since SDK 2.4, after the tutorial was written. So an optimizer step sees
     # 4 x 7 = 28 samples, not the tutorial's 4.
-    accumulation = args.gradient_accumulation or (2 * args.stages - 1 if args.stages > 1 else 1)
+    accumulation = gradient_accumulation(args, args.stages)
     train_opts = ipu_options(args, accumulation, training=True)
     eval_opts = ipu_options(args, 1, training=False)
 
@@ -950,7 +956,7 @@ def data_parallel_steps(model, args, device, ranks, accumulation):
 def finetune_with_torch(args, device, model, plan, data, ranks, run):
     """The tutorial's recipe with plain PyTorch: one process, DDP, or pipeline stages."""
     pipelined = ranks.stages > 1
-    accumulation = args.gradient_accumulation or (2 * args.stages - 1 if pipelined else 1)
+    accumulation = gradient_accumulation(args, ranks.stages)
     step_batch = args.batch_size * accumulation  # one replica's share of an optimizer step
     require_train_samples(data, step_batch * ranks.replicas, "one optimizer step's batch")
     if device.type == "cuda":
@@ -1244,10 +1250,9 @@ def new_state():
 class Run:
     """One fine-tuning run's bookkeeping, the same for the IPU and the CUDA/CPU flow."""
 
-    def __init__(self, args, out_dir, ranks, data, padding, model):
+    def __init__(self, args, out_dir, ranks, data, padding, model, say):
         self.args, self.out_dir, self.ranks, self.data = args, out_dir, ranks, data
-        self.padding, self.model = padding, model
-        self.say = print if ranks.is_main else (lambda *_, **__: None)
+        self.padding, self.model, self.say = padding, model, say
         self.state = new_state()
         self.saving = None  # (model, optimizer) when this flow checkpoints
         self.mid_epoch = False  # whether the host has the current weights mid-epoch
@@ -1720,7 +1725,7 @@ def finetune(args, device, ranks):
         torch.manual_seed(args.seed + ranks.rank)
     plan = plan_stages(model, args.stages)
 
-    run = Run(args, out_dir, ranks, data, padding, model)
+    run = Run(args, out_dir, ranks, data, padding, model, say)
     try:
         if on_ipu:
             finetune_on_ipus(args, model, plan, data, run)

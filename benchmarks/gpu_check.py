@@ -108,10 +108,8 @@ def flops_per_review(model_dir, mean_tokens):
     return per_token * mean_tokens
 
 
-def run_ours(args, device, out_dir):
-    import torch
-    sys.path.insert(0, str(ROOT))
-    import finetune_electra as fe
+def recipe_args(args, device, out_dir):
+    """finetune_electra.py's command line for the check's recipe: one epoch of the slice."""
     argv = ["--model", args.model, "--dataset", args.dataset, "--device", device,
             "--max-length", str(args.max_length), "--batch-size", str(args.batch_size),
             "--lr", str(args.lr), "--epochs", "1", "--log-every", "50", "--output-dir", out_dir,
@@ -119,6 +117,14 @@ def run_ours(args, device, out_dir):
     for flag, value in (("--train-samples", args.train_samples),
                         ("--eval-samples", args.eval_samples)):
         argv += [flag, str(value)] if value else []
+    return argv
+
+
+def run_ours(args, device, out_dir):
+    import torch
+    sys.path.insert(0, str(ROOT))
+    import finetune_electra as fe
+    argv = recipe_args(args, device, out_dir)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -159,13 +165,7 @@ def run_trainer(args, device, out_json):
 def run_ddp(args, gpus, out_dir):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={gpus}", str(ROOT / "finetune_electra.py"), "--stages", "1",
-           "--model", args.model, "--dataset", args.dataset, "--device", "cuda",
-           "--max-length", str(args.max_length), "--batch-size", str(args.batch_size),
-           "--lr", str(args.lr), "--epochs", "1", "--output-dir", out_dir,
-           "--label-names", "neg,pos"]
-    for flag, value in (("--train-samples", args.train_samples),
-                        ("--eval-samples", args.eval_samples)):
-        cmd += [flag, str(value)] if value else []
+           *recipe_args(args, "cuda", out_dir)]
     subprocess.run(cmd, check=True)
     return json.loads(Path(out_dir, "metrics.jsonl").read_text().splitlines()[-1])
 
