@@ -49,6 +49,7 @@ POPTORCH_STANDIN_SIGKILL_AT_ATTACH=N kills the process at the training model's N
 import contextlib
 import copy
 import enum
+import inspect
 import os
 import signal
 import warnings
@@ -222,14 +223,30 @@ class _Executor:
         self.training = training
         self.optimizer = optimizer
         self.name = "training" if training else "inference"
-        self.compiled_shapes = self.traced_modes = None
+        self.compiled_shapes = self.compiled_names = self.traced_modes = None
         self.attached = False
         self.attaches = 0
         self._device_model = self._device_optimizer = None
         if not training and self.options.Training.gradient_accumulation != 1:
             raise RuntimeError("Gradient accumulation is not supported for inference models")
 
+    def _bind(self, args, kwargs):
+        """Arguments by position or name, in forward's order, defaults filled in (as
+        python/_args_parser.py); the same names must be given at every call."""
+        names = list(inspect.signature(self.model.forward).parameters)
+        for name in kwargs:
+            if name not in names:
+                raise AssertionError(f"{name} is not a valid parameter.Allowed values are {names}")
+        given = tuple(names[:len(args)]) + tuple(kwargs)
+        if self.compiled_names is not None and given != self.compiled_names:
+            raise RuntimeError(f"stand-in: compiled with arguments {self.compiled_names}, "
+                               f"called with {given}")
+        bound = inspect.signature(self.model.forward).bind(*args, **kwargs)
+        bound.apply_defaults()
+        return given, list(bound.arguments.values())
+
     def _check(self, args):
+        args = [a for a in args if a is not None]
         rows = args[0].shape[0]
         if rows % self.options.rows_per_call():
             raise RuntimeError(f"Invalid batch dimension: {rows} is not a multiple of "
@@ -264,7 +281,7 @@ class _Executor:
         """Trace one micro-batch as PopTorch does at compile: in the modules' current modes."""
         modules = list(self.model.modules())
         self.traced_modes = [m.training for m in modules]
-        micro = [a[:a.shape[0] // self.options.rows_per_call()] for a in args]
+        micro = [a if a is None else a[:a.shape[0] // self.options.rows_per_call()] for a in args]
         _tracing[0], sdpa = self.name, torch.nn.functional.scaled_dot_product_attention
         torch.nn.functional.scaled_dot_product_attention = _no_sdpa
         _losses_in_forward.clear()
@@ -277,14 +294,15 @@ class _Executor:
             raise RuntimeError(f"the training graph must have exactly one loss "
                                f"(identity_loss), found {len(_losses_in_forward)}")
 
-    def compile(self, *args):
+    def compile(self, *args, **kwargs):
         if self.compiled_shapes is not None:
             warnings.warn("Model has already been compiled: compile() does nothing")
             return
         self._check_ipus()
+        names, args = self._bind(args, kwargs)
         shapes = self._check(args)
         self._trace(args)
-        self.compiled_shapes = shapes
+        self.compiled_shapes, self.compiled_names = shapes, names
         EVENTS.append(("compile", self.name))
         CACHES.append((self.name, self.options.executable_cache))
         self.attachToDevice()
@@ -335,17 +353,18 @@ class _Executor:
         _holder[0], self.attached = None, False
         EVENTS.append(("detach", self.name))
 
-    def __call__(self, *args):
+    def __call__(self, *args, **kwargs):
         if self.compiled_shapes is None:
-            self.compile(*args)
+            self.compile(*args, **kwargs)
         elif not self.attached:
             self.attachToDevice()
+        args = self._bind(args, kwargs)[1]
         self._check(args)
         EVENTS.append(("call", self.name))
         # A step's rows: [accumulation][replicas][micro-batch]; one optimizer step each.
         per_step = self.options.Training.gradient_accumulation * self.options.replication_factor
-        micro = [chunk for step in zip(*(a.chunk(self.options.device_iterations) for a in args))
-                 for chunk in zip(*(a.chunk(per_step) for a in step))]
+        calls = self.options.device_iterations * per_step
+        micro = list(zip(*(a.chunk(calls) if a is not None else [None] * calls for a in args)))
         if self.training:  # (eval rows may repeat: a padded last host batch)
             self._check_replicas_differ(micro)
         model = self._device_model if self.training else self.model

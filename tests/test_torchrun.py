@@ -50,10 +50,16 @@ def torchrun(nproc, *argv):
                           capture_output=True, text=True, timeout=600)
 
 
-@pytest.fixture(scope="module")
-def runs(deterministic_model_dir, sentiment_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("layouts")
-    data = ["--model", str(deterministic_model_dir), "--dataset", str(sentiment_dir), *COMMON]
+# Packed rows: up to 3 reviews of 7-47 tokens in each row of 64 (section 7 of the script).
+PADDINGS = {"max_length": [], "packed": ["--padding", "packed", "--max-length", "64",
+                                         "--max-per-row", "3"]}
+
+
+@pytest.fixture(scope="module", params=list(PADDINGS))
+def runs(request, deterministic_model_dir, sentiment_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    data = ["--model", str(deterministic_model_dir), "--dataset", str(sentiment_dir), *COMMON,
+            *PADDINGS[request.param]]
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         fe.main([*data, "--gradient-accumulation", "4", "--output-dir", str(root / "single")])
@@ -75,7 +81,8 @@ def read(run, name):
 @EACH_LAYOUT
 def test_loss_curve_and_weights_match_the_single_process_run(runs, layout, deterministic_model_dir):
     single, multi = read(runs / "single", "loss_curve.json"), read(runs / layout, "loss_curve.json")
-    assert [step for step, _ in multi] == [step for step, _ in single] == list(range(1, 25))
+    steps = 24 if runs.name.startswith("max_length") else len(single)
+    assert [step for step, _ in multi] == [step for step, _ in single] == list(range(1, steps + 1))
     # tolerance: float sums in another order (gradient all-reduce, micro-batch split)
     assert [loss for _, loss in multi] == pytest.approx([loss for _, loss in single], rel=1e-4)
     a, b = load_file(runs / "single" / "model" / "model.safetensors"), \
@@ -97,6 +104,14 @@ def test_multi_rank_accuracy_counts_every_eval_sample_once(runs, layout):
 
 def test_the_summary_counts_steps_and_samples_over_the_ranks(runs):
     """2 DDP ranks x micro-batch 2 x accumulation 2 = 8 samples a step; 96 // 8 = 12 steps."""
+    if runs.name.startswith("packed"):
+        packed = summary_of((runs / "ddp" / "stdout.txt").read_text())
+        assert packed["micro-batch"] == "2 rows" and packed["padding"].startswith("packed")
+        single = summary_of((runs / "single" / "stdout.txt").read_text())
+        for row in ("samples per optimizer step", "optimizer steps per epoch", "padding",
+                    "packing efficiency"):
+            assert packed[row] == single[row]
+        return
     summary = summary_of((runs / "ddp" / "stdout.txt").read_text())
     assert summary["device"] == "cpu, torchrun: 2 ranks = 2 replica(s) x 1 stage(s)"
     assert summary["samples per optimizer step"] == "8"
@@ -115,7 +130,8 @@ def test_only_rank_0_reports(runs):
     out = (runs / "1f1b_x2" / "stdout.txt").read_text()
     assert out.count("Accuracy: ") == 2
     assert out.count("pipeline stage plan (2 stages, one stage per rank, 2 replica(s))") == 1
-    assert "torchrun: 4 ranks = 2 replica(s) x 2 stage(s); 8 samples per optimizer step" in out
+    unit = "rows" if runs.name.startswith("packed") else "samples"
+    assert f"torchrun: 4 ranks = 2 replica(s) x 2 stage(s); 8 {unit} per optimizer step" in out
 
 
 def test_impossible_layout_is_a_clear_error_before_work(deterministic_model_dir, sentiment_dir,

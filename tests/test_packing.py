@@ -1,0 +1,245 @@
+"""--padding packed: several reviews per row, each computed exactly as if alone."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import finetune_electra as fe
+from conftest import IMDB_DIR, cli_error, cpu_accuracy, minilm_dir, run_args, sentiment_frame, \
+    summary_of, tiny_electra
+
+
+def packed_and_alone(model, tokenizer, texts, max_length, per_row):
+    """Per-review logits from packed rows (with the rows), and each review run alone."""
+    from datasets import Dataset
+    ds = Dataset.from_dict({"text": texts, "label": [i % 2 for i in range(len(texts))]})
+    args = fe.parse_args(["--max-length", str(max_length)])
+    reviews, lengths = fe.tokenize(ds, tokenizer, args, False)
+    rows = fe.pack_rows(lengths, range(len(lengths)), max_length, per_row)
+    packed = fe.PackedRows(reviews, max_length, per_row, tokenizer.pad_token_id, len(rows), 1)
+    batch = fe.pad_collate(tokenizer.pad_token_id)([packed.use(rows)[i] for i in range(len(rows))])
+    with torch.no_grad():
+        logits = fe.PackedClassifier(model, per_row)(**batch).logits
+        alone = torch.stack([model(input_ids=reviews[i]["input_ids"][None]).logits[0]
+                             for i in range(len(texts))])
+    by_review = torch.empty_like(alone)
+    for r, row in enumerate(rows):
+        for slot, review in enumerate(row):
+            by_review[review] = logits[r, slot]
+    return by_review, alone, rows, batch
+
+
+def review_texts(n, seed):
+    if (IMDB_DIR / "test.parquet").exists():  # real reviews, many of them over 128 tokens
+        import pandas as pd
+        return pd.read_parquet(IMDB_DIR / "test.parquet").sample(n, random_state=seed).text.tolist()
+    return sentiment_frame(n, seed).text.tolist()
+
+
+@pytest.mark.parametrize("architecture", ["electra", "bert"])
+def test_packed_logits_equal_each_review_alone(architecture, tiny_model_dir):
+    """Block-diagonal attention, restarted positions, the head on each review's own
+    first token: a review's logits do not depend on the reviews it shares a row with."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    torch.manual_seed(0)
+    if architecture == "electra":
+        model = tiny_electra(max_position_embeddings=256)
+        tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    else:  # the real pretrained MiniLM (BERT), whose pooler sits between encoder and head
+        model = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2)
+        tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    model.eval()
+    texts = review_texts(24, seed=1) + ["Great.", "Awful film!", "Fine"]
+    by_review, alone, rows, batch = packed_and_alone(model, tokenizer, texts, 256, per_row=4)
+    assert max(map(len, rows)) >= 3 and len(rows) < len(texts)  # reviews did share rows
+    assert batch["input_ids"].shape == (len(rows), 256) and batch["labels"].shape == (len(rows), 4)
+    torch.testing.assert_close(by_review, alone, rtol=1e-4, atol=1e-4)
+    assert (by_review - alone).abs().max() < 1e-4
+
+
+def test_packed_attention_is_block_diagonal_with_restarting_positions():
+    review_of_token = torch.tensor([[1, 1, 1, 2, 2, 0]])
+    mask, positions, first_token = fe.packed_attention(review_of_token, 3, torch.float32)
+    allowed = (mask[0, 0] == 0) if fe.ADDITIVE_4D_MASK else mask[0].bool()
+    expected = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0],
+                             [0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 0, 1]]).bool()
+    assert torch.equal(allowed, expected)
+    assert positions.tolist() == [[0, 1, 2, 0, 1, 0]]
+    assert first_token.tolist() == [[[1, 0, 0, 0, 0, 0], [0, 0, 0, 1, 0, 0],
+                                     [0, 0, 0, 0, 0, 0]]]  # the third slot is empty
+
+
+def test_the_loss_is_the_mean_over_the_steps_reviews_however_packed():
+    """Two micro-batches of one step, averaged as PopTorch and the torch loop average
+    them: the mean of the per-review losses over the whole step."""
+    lengths = [30, 20, 10, 5, 40, 12, 33, 8, 25]
+    reviews = [{"input_ids": torch.arange(101, 101 + n), "labels": torch.tensor(i % 2)}
+               for i, n in enumerate(lengths)]
+    rows = fe.pack_rows(lengths, range(len(lengths)), 64, 3)
+    rows += [[]] * (-len(rows) % 2)  # whole micro-batches
+    packed = fe.PackedRows(reviews, 64, 3, 0, step_rows=len(rows), micro_batches=2).use(rows)
+    batch = fe.pad_collate(0)([packed[i] for i in range(len(rows))])
+    logits = torch.randn(len(rows), 3, 2)
+    micro_losses = [fe.packed_loss(lg, lb, w) for lg, lb, w in
+                    zip(logits.chunk(2), batch["labels"].chunk(2), batch["loss_weights"].chunk(2))]
+    filled = batch["labels"] != -100
+    expected = torch.nn.functional.cross_entropy(logits[filled], batch["labels"][filled])
+    torch.testing.assert_close(sum(micro_losses) / 2, expected)
+    assert int(filled.sum()) == fe.samples_in(batch) == len(lengths)
+
+
+def imdb_like_lengths(n, seed=0):
+    """Lengths shaped like IMDB's in BERT tokens at 512: mean ~275, 13% truncated."""
+    return np.minimum(np.random.default_rng(seed).lognormal(5.45, 0.6, n).astype(int) + 10,
+                      512).tolist()
+
+
+def test_every_training_review_is_used_once_per_epoch_in_full_rows():
+    lengths = imdb_like_lengths(5000)
+    packing = fe.Packing(512, 4, seed=7, epochs=3)
+    count = packing.rows_per_epoch(lengths, multiple=224)
+    assert count % 224 == 0
+    epochs = [packing.train_rows(lengths, epoch, count) for epoch in range(3)]
+    for rows in epochs:
+        assert len(rows) == count
+        assert sorted(i for row in rows for i in row) == list(range(5000))
+        assert max(map(len, rows)) <= 4
+        assert max(sum(lengths[i] for i in row) for row in rows) <= 512
+    assert epochs[0] != epochs[1] != epochs[2]  # packed afresh every epoch
+    assert epochs[1] == fe.Packing(512, 4, seed=7, epochs=3).train_rows(lengths, 1, count)
+    assert epochs[1] != fe.Packing(512, 4, seed=8, epochs=3).train_rows(lengths, 1, count)
+    efficiency = sum(lengths) / (count * 512)
+    assert sum(lengths) / (5000 * 512) < 0.6 and efficiency > 0.95
+
+
+def test_spreading_rows_splits_shared_rows_before_adding_empty_ones():
+    assert fe.spread_rows([[0, 1, 2], [3]], 3) == [[0, 1], [3], [2]]
+    assert fe.spread_rows([[0, 1], [2]], 4) == [[0], [2], [1], []]
+
+
+def test_every_eval_review_is_predicted_exactly_once():
+    lengths = [int(n) for n in imdb_like_lengths(301, seed=3)]
+    packing = fe.Packing(512, 4, seed=0, epochs=1)
+    rows = packing.eval_rows(lengths, multiple=32)
+    assert len(rows) % 32 == 0
+    assert sorted(i for row in rows for i in row) == list(range(301))
+    slots = np.array([row + [-1] * (4 - len(row)) for row in rows])
+    predicted = np.where(slots >= 0, slots % 2, 7)  # review i predicts i % 2; empty slots junk
+    assert fe.review_predictions(predicted, slots, 301).tolist() == [i % 2 for i in range(301)]
+    with pytest.raises(RuntimeError, match="1 eval samples got no prediction"):
+        fe.review_predictions(predicted, np.where(slots == 5, -1, slots), 301)
+
+
+PACKED = ["--padding", "packed", "--max-per-row", "3"]
+
+
+def test_packed_cpu_run_learns_and_reports_its_efficiency(tiny_model_dir, sentiment_dir,
+                                                          tmp_path, capsys):
+    out = tmp_path / "run"
+    metrics = fe.main(run_args(tiny_model_dir, sentiment_dir, out, *PACKED, "--epochs", "4"))
+    summary = summary_of(capsys.readouterr().out)
+    assert metrics[0]["accuracy"] < 0.9 < metrics[-1]["accuracy"]
+    assert metrics[-1]["train_loss"] < 0.7 * metrics[0]["train_loss"]
+    # 400 reviews of 7-47 tokens in rows of 64: 3 per row at most, so at least 134 rows
+    # (17 steps of 8 rows); each review once per epoch
+    steps = int(summary["optimizer steps per epoch"])
+    assert 17 <= steps < 400 // 8 and summary["micro-batch"] == "8 rows"
+    assert summary["samples per optimizer step"] == f"{400 / steps:.1f} on average, in 8 rows of up to 3"
+    assert summary["padding"] == "packed, up to 3 texts per row of 64 tokens"
+    efficiency = metrics[0]["packing_efficiency"]
+    shown = re.fullmatch(r"(\S+)% of row tokens are text \((\S+)% padded to max_length\)",
+                         summary["packing efficiency"])
+    assert shown[1] == f"{efficiency:.1%}"[:-1]
+    assert 0.75 < efficiency <= 1 and efficiency > 1.6 * float(shown[2]) / 100
+    assert all(m["samples_per_step"] == pytest.approx(400 / steps) for m in metrics)
+    written = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert written == metrics
+    assert metrics[-1]["accuracy"] == pytest.approx(cpu_accuracy(out), abs=1e-9)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-per-row", "0", "--padding", "packed"], "--max-per-row 0: must be at least 1"),
+    (["--max-per-row", "3"], "--max-per-row is for --padding packed (this run pads dynamic)"),
+    (["--padding", "packed", "--group-by-length", "yes"],
+     "--group-by-length is for --padding dynamic: packing fills rows by length itself"),
+])
+def test_packing_flags_out_of_place_are_one_error_line(argv, message, tiny_model_dir,
+                                                       sentiment_dir, tmp_path, capsys):
+    error = cli_error(capsys, run_args(tiny_model_dir, sentiment_dir, tmp_path / "run", *argv))
+    assert message in error
+
+
+def test_a_model_whose_head_packing_does_not_know_is_refused(sentiment_dir, tmp_path, capsys,
+                                                              tiny_model_dir):
+    from transformers import AutoTokenizer, RobertaConfig, RobertaForSequenceClassification
+    RobertaForSequenceClassification(RobertaConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=130)).save_pretrained(tmp_path / "roberta")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "roberta")
+    error = cli_error(capsys, run_args(tmp_path / "roberta", sentiment_dir, tmp_path / "run",
+                                       "--padding", "packed"))
+    assert error == ("error: --padding packed knows the heads of ElectraForSequenceClassification "
+                     "and BertForSequenceClassification, not RobertaForSequenceClassification: "
+                     "use --padding max_length")
+
+
+def test_packed_rows_go_through_the_ipu_flow_on_the_standin(fake_poptorch, tiny_model_dir,
+                                                            sentiment_dir, tmp_path, capsys,
+                                                            monkeypatch):
+    """The IPU flow (against the PopTorch stand-in, not an IPU) with packed rows: the same
+    DataLoader, wrapper, identity_loss, device iterations, accumulation and output mode
+    All, the same attach/detach order; it learns, and predictions reach their reviews."""
+    compiled = {}
+    compile_graph = fake_poptorch._Executor.compile
+
+    def record(executor, *args, **kwargs):
+        compiled[executor.name] = {name: tuple(value.shape) for name, value in kwargs.items()}
+        return compile_graph(executor, *args, **kwargs)
+
+    monkeypatch.setattr(fake_poptorch._Executor, "compile", record)
+    out = tmp_path / "run"
+    metrics = fe.main(run_args(tiny_model_dir, sentiment_dir, out, *PACKED, "--device", "ipu",
+                               "--ipus", "2", "--device-iterations", "2", "--batch-size", "4",
+                               "--epochs", "5"))
+    summary = summary_of(capsys.readouterr().out)
+    # host batches of 4 rows x 2 device iterations x 3 accumulated = 24 rows; eval 4 x 2
+    assert compiled == {
+        "training": {"input_ids": (24, 64), "attention_mask": (24, 64), "labels": (24, 3),
+                     "loss_weights": (24, 3)},
+        "inference": {"input_ids": (8, 64), "attention_mask": (8, 64), "labels": (8, 3),
+                      "loss_weights": (8, 3)}}
+    assert fake_poptorch.IDENTITY_LOSSES == [("training", "none")]
+    events = [e for e in fake_poptorch.EVENTS if e[0] != "call"]
+    epoch = [("attach", "training"), ("detach", "training"),
+             ("attach", "inference"), ("detach", "inference")]
+    assert events[6:] == epoch * 5 and events[:6] == [
+        ("compile", "training"), ("attach", "training"), ("detach", "training"),
+        ("compile", "inference"), ("attach", "inference"), ("detach", "inference")]
+    assert summary["host batch"] == "24 rows"
+    steps = int(summary["optimizer steps per epoch"])
+    assert all(m["samples_per_step"] * steps == pytest.approx(400) for m in metrics)  # each once
+    assert metrics[0]["accuracy"] < 0.9 < metrics[-1]["accuracy"]
+    assert metrics[-1]["train_loss"] < 0.7 * metrics[0]["train_loss"]
+    assert metrics[-1]["accuracy"] == pytest.approx(cpu_accuracy(out), abs=1e-9)
+
+
+def test_a_packed_run_resumed_mid_epoch_matches_the_unbroken_run(tiny_model_dir, sentiment_dir,
+                                                                tmp_path):
+    """Nothing lost: a resumed epoch repacks the same rows and continues at the same step."""
+    import shutil
+    from test_checkpoints import assert_same_run
+    unbroken, resumed = tmp_path / "unbroken", tmp_path / "resumed"
+    fe.main(run_args(tiny_model_dir, sentiment_dir, unbroken, *PACKED, "--save-every", "5",
+                     "--keep", "100"))
+    shutil.copytree(unbroken, resumed)
+    first, *later = fe.list_checkpoints(resumed)
+    state = json.loads((first / "state.json").read_text())
+    assert (state["epoch"], state["step"]) == (0, 5)
+    for path in later + [resumed / "model"]:
+        shutil.rmtree(path)
+    (resumed / "metrics.jsonl").unlink()
+    fe.main(["--resume", str(resumed)])
+    assert_same_run(unbroken, resumed)
