@@ -46,8 +46,8 @@ def parse_args():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=default_model())
     p.add_argument("--dataset", default=str(ROOT.parent / "shared" / "data" / "imdb"))
-    p.add_argument("--train-samples", type=int, default=384)
-    p.add_argument("--eval-samples", type=int, default=192)
+    p.add_argument("--train-samples", type=int, default=768)
+    p.add_argument("--eval-samples", type=int, default=256)
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=4, help="rows per micro-batch")
     p.add_argument("--gradient-accumulation", type=int, default=3,
@@ -95,6 +95,8 @@ def run(args, layout, padding, out):
 def ipu_estimate(args):
     """Rows and host batches per epoch the IPU flow's loader would get on the whole
     train split (the tutorial's host batch: 4 x 8 device iterations x 7 accumulated)."""
+    fe.datasets.disable_progress_bars()
+    fe.transformers.logging.set_verbosity_error()
     model, tokenizer = fe.load_model(args.model, ["neg", "pos"])
     splits = fe.select_splits(fe.load_raw_splits(args.dataset), "text", "label")
     cli = fe.parse_args(["--max-length", str(args.max_length)])
