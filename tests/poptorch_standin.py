@@ -18,6 +18,9 @@ read from PopTorch's source, tag sdk/poptorch/3.4.0; the file is named for each)
 - enableExecutableCaching(path) is recorded in CACHES when a model compiles;
 - a model's batch dimension must be a multiple of that product, and its input
   shapes are fixed when it is compiled (static graphs);
+- inputs may be given by position or by name: they are bound to forward's signature,
+  defaults filled in, and every call must give the names the compile was given
+  (python/_args_parser.py);
 - trainingModel and inferenceModel each take a shallow copy of the module and
   never call .train()/.eval() (python/__init__.py): the graph is traced once, at
   compile, in the modes the modules are in then, and every call runs that graph;
@@ -237,7 +240,7 @@ class _Executor:
         for name in kwargs:
             if name not in names:
                 raise AssertionError(f"{name} is not a valid parameter.Allowed values are {names}")
-        given = tuple(names[:len(args)]) + tuple(kwargs)
+        given = tuple(n for i, n in enumerate(names) if i < len(args) or n in kwargs)
         if self.compiled_names is not None and given != self.compiled_names:
             raise RuntimeError(f"stand-in: compiled with arguments {self.compiled_names}, "
                                f"called with {given}")

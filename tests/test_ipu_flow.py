@@ -345,3 +345,20 @@ def test_replicas_are_for_ipus(capsys, tmp_path):
     err = cli_error(capsys, ["--device", "cpu", "--replicas", "2", "--dataset", "./nowhere",
                              "--output-dir", str(tmp_path)])
     assert "--replicas is for IPUs" in err and "torchrun" in err
+
+
+def test_standin_binds_inputs_by_name_as_poptorch_does(fake_poptorch):
+    """Named inputs in any order bind to forward's parameters; the names are fixed at compile."""
+    class Sum(torch.nn.Module):
+        def forward(self, a, b, c=None):
+            return (a + b if c is None else a + b + c,)
+
+    model = fake_poptorch.inferenceModel(Sum(), fake_poptorch.Options())
+    ones = torch.ones(2, 3)
+    assert torch.equal(model(b=ones, a=2 * ones)[0], 3 * ones)
+    assert torch.equal(model(2 * ones, ones)[0], 3 * ones)  # by position: the same names
+    with pytest.raises(RuntimeError, match=r"compiled with arguments \('a', 'b'\), called with "
+                                           r"\('a', 'b', 'c'\)"):
+        model(a=ones, b=ones, c=ones)
+    with pytest.raises(AssertionError, match="d is not a valid parameter"):
+        model(a=ones, d=ones)
