@@ -130,14 +130,12 @@ def build_parser():
                       help="comma-separated names for integer labels 0,1,... (e.g. neg,pos)")
     data.add_argument("--max-length", type=int, default=512, help="tokens kept per text")
     data.add_argument("--padding", choices=["auto", "max_length", "dynamic", "packed"],
-                      default="auto",
-                      help="max_length pads every text to --max-length (the tutorial; IPUs "
-                      "need static shapes); dynamic pads each batch to its longest text; packed "
-                      "puts several texts in each row of --max-length tokens, each text still "
-                      "seen alone. auto: max_length on IPU and pipelines, dynamic elsewhere")
-    data.add_argument("--max-per-row", type=int, default=None,
-                      help=f"--padding packed: at most this many texts in a row (default "
-                      f"{PACKED_MAX_PER_ROW})")
+                      default="auto", help="max_length pads every text to --max-length (the "
+                      "tutorial; IPUs need static shapes); dynamic pads each batch to its longest "
+                      "text; packed puts several texts in each row, each still computed alone. "
+                      "auto: max_length on IPU and pipelines, dynamic elsewhere")
+    data.add_argument("--max-per-row", type=int, default=None, help="--padding packed: at "
+                      f"most this many texts in a row (default {PACKED_MAX_PER_ROW})")
     data.add_argument("--group-by-length", choices=["auto", "yes", "no"], default="auto",
                       help="batch texts of similar length together (auto: with dynamic padding)")
     data.add_argument("--train-samples", type=int, default=None,
@@ -787,38 +785,33 @@ def padded_indices(n, multiple):
 
 def finetune_on_ipus(args, model, plan, data, run):
     """The tutorial's flow on IPUs with PopTorch, in its order."""
-    # Pipelined training needs at least 2 x stages - 1 micro-batches per optimizer
-    # step to fill and drain the forward and backward stages; PopTorch checks it
-    # since SDK 2.4, after the tutorial was written. So an optimizer step sees
-    # 4 x 7 = 28 samples, not the tutorial's 4.
+    # Pipelined training needs 2 x stages - 1 micro-batches per optimizer step or more
+    # to fill and drain the pipeline; PopTorch checks it since SDK 2.4, after the
+    # tutorial was written. So an optimizer step sees 4 x 7 = 28 samples, not 4.
     accumulation = gradient_accumulation(args, args.stages)
     train_opts = ipu_options(args, accumulation, training=True)
     eval_opts = ipu_options(args, 1, training=False)
 
     # poptorch.DataLoader makes host batches of batch x device iterations (x the
-    # accumulation in training, x the replicas) samples: 4 x 8 x 7 = 224 per
-    # training call on the tutorial's 4 IPUs.
-    # With --padding packed a sample is a row of several reviews (section 7), packed
-    # afresh each epoch and already shuffled, in optimizer-step order.
-    replicas = args.replicas
-    step_rows = args.batch_size * accumulation * replicas
+    # accumulation in training, x the replicas) samples: 4 x 8 x 7 = 224 per training
+    # call on the tutorial's 4 IPUs. With --padding packed a sample is a row of
+    # reviews, packed afresh each epoch, shuffled and in step order (section 7).
+    step_rows = args.batch_size * accumulation * args.replicas
     host_batch = step_rows * args.device_iterations
     require_train_samples(data, host_batch, f"one IPU host batch ({args.batch_size} x "
                           f"{args.device_iterations} device iterations x {accumulation} accumulated"
-                          + (f" x {replicas} replicas)" if replicas > 1 else ")"))
-    train_set = data.use_train_rows(step_rows, accumulation * replicas, multiple=host_batch)
+                          + (f" x {args.replicas} replicas)" if args.replicas > 1 else ")"))
+    train_set = data.use_train_rows(step_rows, accumulation * args.replicas, multiple=host_batch)
     train_loader = poptorch.DataLoader(train_opts, train_set, batch_size=args.batch_size,
                                        shuffle=not data.packing, drop_last=True)
-    # A static graph cannot take a short last batch. The tutorial dropped it; here
-    # the eval set is padded to whole batches (with repeats of its first review, or
-    # empty packed rows), whose extra predictions are ignored: accuracy is over
-    # every review.
-    eval_set, eval_reviews = data.eval_rows(args.batch_size * args.device_iterations * replicas)
+    # A static graph cannot take a short last batch. The tutorial dropped it; here the
+    # eval set is padded to whole batches (repeats of its first review, or empty packed
+    # rows) whose extra predictions are ignored: accuracy is over every review.
+    eval_set, eval_reviews = data.eval_rows(host_batch // accumulation)  # eval: no accumulation
     eval_loader = poptorch.DataLoader(eval_opts, eval_set, batch_size=args.batch_size,
                                       shuffle=False, drop_last=True)
 
-    # Pipeline stages, the wrapper that names the loss, PopTorch's AdamW, and the
-    # two PopTorch models built on the same weights.
+    # Pipeline stages, the wrapper naming the loss, PopTorch's AdamW, the two models.
     run.say_stage_plan(model, plan, "applied with poptorch.BeginBlock")
     place_on_ipus(model, plan)
     wrapped = IPUWrapper(data.classifier(model))
@@ -829,22 +822,22 @@ def finetune_on_ipus(args, model, plan, data, run):
     # Compile each model on one batch, then detach it: a training and an
     # inference model cannot hold the same IPUs at once. A graph is traced in
     # the mode the model is in then (dropout, identity_loss): set it first.
-    for ipu_model, loader, training in ((training_model, train_loader, True),
-                                        (inference_model, eval_loader, False)):
-        wrapped.model.train(training)
+    for name, ipu_model, loader in (("training", training_model, train_loader),
+                                    ("inference", inference_model, eval_loader)):
+        wrapped.model.train(name == "training")
         batch, start = next(iter(loader)), time.perf_counter()
         ipu_model.compile(**batch)
         ipu_model.detachFromDevice()
-        run.say(f"{'training' if training else 'inference'} graph compiled (or loaded from "
-                f"--executable-cache) in {time.perf_counter() - start:.1f} s")
+        run.say(f"{name} graph compiled (or loaded from --executable-cache) in "
+                f"{time.perf_counter() - start:.1f} s")
     # --resume: the host weights and PopTorch's optimizer state, uploaded at the next attach.
     run.checkpoint(model, optimizer, mid_epoch=False)
 
     run.start(iterations_per_epoch=len(train_loader) + len(eval_loader),
               steps_per_epoch=len(train_loader) * args.device_iterations,
               step_rows=step_rows, accumulation=accumulation,
-              device=(f"IPU, {args.stages} pipeline stages x {replicas} replica(s) = "
-                      f"{args.stages * replicas} IPUs"),
+              device=(f"IPU, {args.stages} pipeline stages x {args.replicas} replica(s) = "
+                      f"{args.stages * args.replicas} IPUs"),
               extra={"device iterations": f"{args.device_iterations} optimizer steps per call",
                      "host batch": f"{host_batch} {'rows' if data.packing else 'samples'}",
                      "executable cache": args.executable_cache})
@@ -853,9 +846,8 @@ def finetune_on_ipus(args, model, plan, data, run):
         training_model.attachToDevice()
         for batch in train_loader:
             losses, _ = training_model(**batch)
-            # One call ran device-iterations optimizer steps: one loss for each step
-            # (the mean of its micro-batches', on every replica), counted as the CPU
-            # loop counts them.
+            # One call ran device-iterations optimizer steps: one loss for each (the mean of
+            # its micro-batches', on every replica), counted as the CPU loop counts them.
             step_losses = losses.reshape(args.device_iterations, -1).mean(1)
             run.steps_done(step_losses.tolist(), samples_in(batch), applied=True)
         training_model.detachFromDevice()  # the trained weights come back to the host
@@ -969,7 +961,8 @@ class PackedRows(torch.utils.data.Dataset):
     """
 
     def __init__(self, reviews, max_length, per_row, pad_id, step_rows, micro_batches):
-        self.reviews, self.max_length, self.per_row, self.pad_id = reviews, max_length, per_row, pad_id
+        self.reviews, self.pad_id = reviews, pad_id
+        self.max_length, self.per_row = max_length, per_row
         self.step_rows, self.micro_batches = step_rows, micro_batches
         self.rows, self.weights = [], []
 
@@ -1064,7 +1057,7 @@ class PackedClassifier(torch.nn.Module):
 
 def classify_first_token(model, first_token):
     if type(model).__name__ == "BertForSequenceClassification":
-        return model.classifier(model.dropout(model.bert.pooler(first_token)))
+        return model.classifier(model.dropout(model.base_model.pooler(first_token)))
     return model.classifier(first_token)  # ELECTRA's head reads the first token itself
 
 
@@ -1403,7 +1396,7 @@ class LogitsOnly(torch.nn.Module):
 
 
 def model_prefix(wrapped):
-    """Where the Hugging Face model sits in the traced module ("model." or, packed, "model.model.")."""
+    """Where the Hugging Face model sits in a traced module: "model.", packed "model.model."."""
     return next(name for name, module in wrapped.named_modules()
                 if isinstance(module, transformers.PreTrainedModel)) + "."
 
