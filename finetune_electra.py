@@ -586,10 +586,10 @@ class Data:
     def classifier(self, model):
         return PackedClassifier(model, self.packing.per_row) if self.packing else model
 
-    def efficiency(self, max_length, packed=True):
-        """Text tokens / row tokens in training, as packed or as padded to max_length."""
-        rows = len(self.train_set) if self.packing and packed else len(self.train)
-        return sum(self.train_lengths) / (rows * max_length)
+    def efficiency(self, packed=True):
+        """Packed: text tokens / row tokens in training, as packed or as padded to max_length."""
+        rows = len(self.train_set) if packed else len(self.train)
+        return sum(self.train_lengths) / (rows * self.packing.max_length)
 
 
 def load_data_and_model(args, padding, say, eager_attention):
@@ -1589,9 +1589,8 @@ class Run:
                             f"{step_rows} rows of up to {args.max_per_row}")
             padding = {"padding": f"packed, up to {args.max_per_row} texts per row of "
                                   f"{args.max_length} tokens",
-                       "packing efficiency": f"{data.efficiency(args.max_length):.1%} of row "
-                       f"tokens are text ({data.efficiency(args.max_length, packed=False):.1%} "
-                       "padded to max_length)"}
+                       "packing efficiency": f"{data.efficiency():.1%} of row tokens are "
+                       f"text ({data.efficiency(packed=False):.1%} padded to max_length)"}
         else:
             step_samples = step_rows
             padding = {"padding": f"{self.padding}, at most {args.max_length} tokens"}
@@ -1676,7 +1675,7 @@ class Run:
             "train_samples_per_s": state["train_samples"] / state["train_seconds"],
             "eval_samples_per_s": len(self.data.eval) / eval_seconds,
             "samples_per_step": state["train_samples"] / max(state["step"], 1),
-            **({"packing_efficiency": self.data.efficiency(self.args.max_length)}
+            **({"packing_efficiency": self.data.efficiency()}
                if self.data.packing else {}),
             "seconds": time.perf_counter() - self.epoch_start,
             "skipped_steps": state["skipped_steps"],
