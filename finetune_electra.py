@@ -130,10 +130,9 @@ def build_parser():
                       help="comma-separated names for integer labels 0,1,... (e.g. neg,pos)")
     data.add_argument("--max-length", type=int, default=512, help="tokens kept per text")
     data.add_argument("--padding", choices=["auto", "max_length", "dynamic", "packed"],
-                      default="auto", help="max_length pads every text to --max-length (the "
-                      "tutorial; IPUs need static shapes); dynamic pads each batch to its longest "
-                      "text; packed puts several texts in each row, each still computed alone. "
-                      "auto: max_length on IPU and pipelines, dynamic elsewhere")
+                      default="auto", help="max_length: every text to --max-length (the "
+                      "tutorial; static shapes); dynamic: to each batch's longest; packed: several "
+                      "per row, each computed alone. auto: max_length on IPU/pipelines, or dynamic")
     data.add_argument("--max-per-row", type=int, default=None, help="--padding packed: at "
                       f"most this many texts in a row (default {PACKED_MAX_PER_ROW})")
     data.add_argument("--group-by-length", choices=["auto", "yes", "no"], default="auto",
@@ -220,9 +219,9 @@ def parse_args(argv=None):
 # What each number must be, as (argument, test, words for the error); optional ones
 # that were not given are None and skipped. The model's own limit on --max-length is
 # checked when the model is loaded.
-COUNTS = ("epochs", "batch_size", "eval_batch_size", "gradient_accumulation", "stages", "max_per_row",
-          "device_iterations", "replicas", "train_samples", "eval_samples", "log_every",
-          "save_every", "keep")
+COUNTS = ("epochs", "batch_size", "eval_batch_size", "gradient_accumulation", "stages",
+          "max_per_row", "device_iterations", "replicas", "train_samples", "eval_samples",
+          "log_every", "save_every", "keep")
 NUMBER_RANGES = [(name, lambda v: v >= 1, "at least 1") for name in COUNTS] + [
     ("max_length", lambda v: v >= 2, "at least 2 (the [CLS] and [SEP] tokens)"),
     ("seed", lambda v: 0 <= v < 2**32, "from 0 to 4294967295 (what numpy's generator takes)"),
@@ -545,6 +544,7 @@ class Data:
         self.eval, self.eval_lengths = eval_ds, eval_lengths
         self.eval_labels = eval_ds.with_format("numpy", columns=["labels"])["labels"][:]
         self.pad_id, self.packing = pad_id, packing
+        self.unit = "rows" if packing else "samples"  # what a loader's sample is
         self.train_set = train  # what the training loader indexes
         self.rows_per_epoch = None  # packed: the same row count every epoch
 
@@ -566,7 +566,7 @@ class Data:
     def train_batches(self, step_size, seed, epoch, group_by_length):
         """The epoch's optimizer steps as lists of train_set indices."""
         if self.packing:  # the rows are already shuffled and in step order
-            return [list(range(i, i + step_size)) for i in range(0, len(self.train_set), step_size)]
+            return batches_in_order(len(self.train_set), step_size)
         return train_batches(self.train_lengths, step_size, seed, epoch, group_by_length)
 
     def samples_in_rows(self, indices):
@@ -839,7 +839,7 @@ def finetune_on_ipus(args, model, plan, data, run):
               device=(f"IPU, {args.stages} pipeline stages x {args.replicas} replica(s) = "
                       f"{args.stages * args.replicas} IPUs"),
               extra={"device iterations": f"{args.device_iterations} optimizer steps per call",
-                     "host batch": f"{host_batch} {'rows' if data.packing else 'samples'}",
+                     "host batch": f"{host_batch} {data.unit}",
                      "executable cache": args.executable_cache})
     for epoch in run.epochs():
         data.new_epoch(epoch)
@@ -1120,6 +1120,11 @@ def eval_batches(lengths, batch_size):
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def batches_in_order(n, batch_size):
+    """0..n-1 in consecutive batches: for rows already in order and in whole batches."""
+    return [list(range(i, i + batch_size)) for i in range(0, n, batch_size)]
+
+
 def pad_collate(pad_id):
     """Stack a batch, the token columns padded to its longest text (packed rows are all full)."""
     padding_values = {"input_ids": pad_id, "attention_mask": 0}
@@ -1241,7 +1246,7 @@ def finetune_with_torch(args, device, model, plan, data, ranks, run):
     steps_per_epoch = len(train_set) // step_size
     if ranks.enabled:
         run.say(f"torchrun: {ranks.world} ranks = {ranks.replicas} replica(s) x {ranks.stages} "
-                f"stage(s); {step_size} {'rows' if data.packing else 'samples'} per optimizer step")
+                f"stage(s); {step_size} {data.unit} per optimizer step")
     run.start(iterations_per_epoch=steps_per_epoch + len(eval_loader),
               steps_per_epoch=steps_per_epoch, step_rows=step_size,
               accumulation=accumulation, device=describe_device(device, ranks))
@@ -1279,7 +1284,7 @@ def eval_data(data, args, pipelined, ranks):
         size = args.batch_size * args.device_iterations if pipelined else (
             args.eval_batch_size or args.batch_size * args.device_iterations)
         eval_set, reviews = data.eval_rows(size)
-        batches = [list(range(i, i + size)) for i in range(0, len(eval_set), size)]
+        batches = batches_in_order(len(eval_set), size)
     else:
         eval_set, reviews = data.eval, np.arange(len(data.eval))
         batches = eval_batches(data.eval_lengths, args.eval_batch_size or
@@ -1403,9 +1408,9 @@ def model_prefix(wrapped):
 
 def trace_pipeline(wrapped, plan, example):
     from torch.distributed.pipelining import SplitPoint, pipeline
-    first_of_stage = {}
+    first_of_stage, prefix = {}, model_prefix(wrapped)
     for name, stage in plan:
-        first_of_stage.setdefault(stage, model_prefix(wrapped) + name)
+        first_of_stage.setdefault(stage, prefix + name)
     split_spec = {name: SplitPoint.BEGINNING for stage, name in first_of_stage.items() if stage}
     pipe = pipeline(wrapped, mb_args=example, split_spec=split_spec)
     for name in split_spec:  # pipeline() wrapped these forwards in place: undo it for a next trace
@@ -1598,7 +1603,7 @@ class Run:
                 "train examples": f"{len(data.train):,}",
                 "eval examples": f"{len(data.eval):,}",
                 "epochs": args.epochs,
-                "micro-batch": f"{args.batch_size} {'rows' if data.packing else 'samples'}",
+                "micro-batch": f"{args.batch_size} {data.unit}",
                 "gradient accumulation": f"{accumulation} micro-batches per optimizer step",
                 **(extra or {}),
                 "samples per optimizer step": step_samples,
