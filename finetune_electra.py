@@ -34,6 +34,7 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute
 import torch
 import torch.distributed as dist
 from sklearn.metrics import accuracy_score
@@ -129,10 +130,12 @@ def build_parser():
     data.add_argument("--label-names", default=None,
                       help="comma-separated names for integer labels 0,1,... (e.g. neg,pos)")
     data.add_argument("--max-length", type=int, default=512, help="tokens kept per text")
-    data.add_argument("--padding", choices=["auto", "max_length", "dynamic", "packed"],
+    data.add_argument("--padding", choices=["auto", "max_length", "dynamic", "buckets", "packed"],
                       default="auto", help="max_length: every text to --max-length (the "
-                      "tutorial; static shapes); dynamic: to each batch's longest; packed: several "
-                      "per row, each computed alone. auto: max_length on IPU/pipelines, or dynamic")
+                      "tutorial; static shapes); dynamic: to each batch's longest; buckets: that, "
+                      f"rounded up to a multiple of {BUCKET} tokens (a few static shapes, for CUDA "
+                      "graphs); packed: several per row, each computed alone. auto: max_length on "
+                      "IPU/pipelines, buckets on CUDA, dynamic on CPU")
     data.add_argument("--max-per-row", type=int, default=None, help="--padding packed: at "
                       f"most this many texts in a row (default {PACKED_MAX_PER_ROW})")
     data.add_argument("--group-by-length", choices=["auto", "yes", "no"], default="auto",
@@ -156,6 +159,9 @@ def build_parser():
     train.add_argument("--device", choices=["auto", "ipu", "cuda", "cpu"], default="auto",
                        help="auto: ipu if PopTorch imports, else cuda if available, else cpu")
     train.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA/CPU)")
+    train.add_argument("--cuda-graphs", choices=["auto", "yes", "no"], default="auto",
+                       help="replay each train and eval step as a CUDA graph (auto: on one CUDA "
+                       "process with static shapes)")
     train.add_argument("--bf16", choices=["auto", "yes", "no"], default="auto",
                        help="bfloat16 autocast (auto: on CUDA only)")
     train.add_argument("--log-every", type=int, default=10,
@@ -288,7 +294,9 @@ def adamw(params, lr, device):
     torch 2.4; the IPU host's torch 2.0.1 has it on CUDA only.
     """
     fused = device.type == "cuda" or torch.__version__ >= "2.4"
-    return torch.optim.AdamW(params, lr=lr, fused=fused or None)
+    # capturable: its step counts live on the GPU, so the step can be captured in a CUDA graph.
+    return torch.optim.AdamW(params, lr=lr, fused=fused or None,
+                             capturable=device.type == "cuda")
 
 
 def seed_everything(seed):
@@ -474,8 +482,38 @@ def tokenize(ds, tokenizer, args, padding):
                                max_length=args.max_length, padding=padding))
     if args.label_column != "labels":
         ds = ds.rename_column(args.label_column, "labels")
-    ds.set_format("torch", columns=["input_ids", "attention_mask", "labels"])
-    return ds, ds.with_format("numpy", columns=["length"])["length"][:].tolist()
+    return ds
+
+
+class Reviews(torch.utils.data.Dataset):
+    """Tokenized reviews as flat arrays: review i's tokens are input_ids[starts[i]:starts[i + 1]].
+
+    The tutorial ends with ds.set_format("torch"), so that each row comes out of
+    the dataset as tensors. Here the columns are read out of Arrow once instead: a
+    batch is then a few slices, not a conversion per row, and no datasets formatter
+    runs (datasets 4.0's torch and numpy formatters import torchvision's
+    VideoReader, which current torchvision no longer has).
+    """
+
+    def __init__(self, ds):
+        table = ds.with_format("arrow")[:]
+
+        def flat(column):
+            return pyarrow.compute.list_flatten(table.column(column)).to_numpy().astype(np.int64)
+        self.input_ids, self.attention_mask = flat("input_ids"), flat("attention_mask")
+        self.lengths = table.column("length").to_numpy()
+        row_lengths = pyarrow.compute.list_value_length(table.column("input_ids")).to_numpy()
+        self.starts = np.concatenate([[0], np.cumsum(row_lengths)])
+        self.labels = table.column("labels").to_numpy().astype(np.int64)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        tokens = slice(self.starts[i], self.starts[i + 1])
+        return {"input_ids": torch.from_numpy(self.input_ids[tokens]),
+                "attention_mask": torch.from_numpy(self.attention_mask[tokens]),
+                "labels": torch.tensor(self.labels[i])}
 
 
 # ----------------------------------------------------------------------------
@@ -539,10 +577,10 @@ class Data:
     PackedClassifier: the methods below give each flow the one or the other.
     """
 
-    def __init__(self, train, train_lengths, eval_ds, eval_lengths, pad_id, packing=None):
-        self.train, self.train_lengths = train, train_lengths
-        self.eval, self.eval_lengths = eval_ds, eval_lengths
-        self.eval_labels = eval_ds.with_format("numpy", columns=["labels"])["labels"][:]
+    def __init__(self, train, eval_ds, pad_id, packing=None):
+        self.train, self.train_lengths = train, train.lengths.tolist()
+        self.eval, self.eval_lengths = eval_ds, eval_ds.lengths.tolist()
+        self.eval_labels = eval_ds.labels
         self.pad_id, self.packing = pad_id, packing
         self.unit = "rows" if packing else "samples"  # what a loader's sample is
         self.train_set = train  # what the training loader indexes
@@ -608,11 +646,11 @@ def load_data_and_model(args, padding, say, eager_attention):
         check_packable(model)
         packing = Packing(args.max_length, args.max_per_row, args.seed, args.epochs)
     tokenize_padding = "max_length" if padding == "max_length" else False
-    train, train_lengths = tokenize(subset(splits["train"], args.train_samples, args.seed),
-                                    tokenizer, args, tokenize_padding)
-    eval_ds, eval_lengths = tokenize(subset(splits["eval"], args.eval_samples, args.seed),
-                                     tokenizer, args, tokenize_padding)
-    data = Data(train, train_lengths, eval_ds, eval_lengths, tokenizer.pad_token_id, packing)
+    train, eval_ds = (Reviews(tokenize(subset(splits[split], samples, args.seed), tokenizer, args,
+                                       tokenize_padding))
+                      for split, samples in (("train", args.train_samples),
+                                             ("eval", args.eval_samples)))
+    data = Data(train, eval_ds, tokenizer.pad_token_id, packing)
     return data, model, tokenizer
 
 
@@ -722,8 +760,9 @@ class IPUWrapper(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, labels, loss_weights=None):
-        packed = {} if loss_weights is None else {"loss_weights": loss_weights}  # section 7
+    def forward(self, input_ids, attention_mask, labels, loss_weights=None, position_ids=None):
+        packed = {} if loss_weights is None else {"loss_weights": loss_weights,  # section 7
+                                                  "position_ids": position_ids}
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                          **packed)
         if self.model.training:
@@ -982,6 +1021,7 @@ class PackedRows(torch.utils.data.Dataset):
     def __getitem__(self, i):
         input_ids = torch.full((self.max_length,), self.pad_id, dtype=torch.long)
         review_of_token = torch.zeros(self.max_length, dtype=torch.long)
+        position_ids = torch.zeros(self.max_length, dtype=torch.long)
         labels = torch.full((self.per_row,), -100, dtype=torch.long)  # -100: an empty slot
         loss_weights = torch.zeros(self.per_row)
         start = 0
@@ -990,10 +1030,14 @@ class PackedRows(torch.utils.data.Dataset):
             end = start + len(review["input_ids"])
             input_ids[start:end] = review["input_ids"]
             review_of_token[start:end] = slot + 1
+            # Positions restart with each review. Made here, on the host, as PackedBERT
+            # does: on the device they would take a cumsum over integers, which PopTorch
+            # turns into a float convolution with a kernel as long as the row.
+            position_ids[start:end] = torch.arange(end - start)
             labels[slot], loss_weights[slot] = review["labels"], self.weights[i]
             start = end
-        return {"input_ids": input_ids, "attention_mask": review_of_token, "labels": labels,
-                "loss_weights": loss_weights}
+        return {"input_ids": input_ids, "attention_mask": review_of_token,
+                "position_ids": position_ids, "labels": labels, "loss_weights": loss_weights}
 
 
 # transformers 5 takes a 4D additive mask as given; 4.x (the IPU host's) takes a
@@ -1001,28 +1045,26 @@ class PackedRows(torch.utils.data.Dataset):
 ADDITIVE_4D_MASK = int(transformers.__version__.split(".")[0]) >= 5
 
 
-def packed_attention(review_of_token, per_row, dtype):
-    """From a packed attention_mask: the block-diagonal attention mask, position ids
-    restarting with each review, and for each slot a one-hot row marking its review's
-    first token (all zeros for an empty slot).
+def packed_attention(review_of_token, position_ids, per_row, dtype):
+    """From a packed attention_mask and its position ids: the block-diagonal attention
+    mask, and for each slot a one-hot row marking its review's first token (all zeros
+    for an empty slot).
 
-    The one-hot rows pick the first tokens by a matmul: exact (x 1 and + 0), and a
-    float tensor, which a pipeline can pass from stage to stage with the gradients."""
-    length = review_of_token.shape[1]
-    mine = review_of_token[:, :, None] == review_of_token[:, None, :]
-    allowed = (mine & (review_of_token[:, None, :] > 0)) | torch.eye(
-        length, dtype=torch.bool, device=review_of_token.device)  # padding sees only itself
+    Comparisons only, ops that PopTorch compiles (no eye, no cumsum; the positions
+    come from the host), as in PackedBERT. A token attends to the tokens of its own
+    review; padding (0) attends to padding, so that no row of the mask is empty. The
+    one-hot rows pick the first tokens by a matmul: exact (x 1 and + 0), and a float
+    tensor, which a pipeline can pass from stage to stage with the gradients."""
+    allowed = review_of_token[:, :, None] == review_of_token[:, None, :]
     slots = torch.arange(1, per_row + 1, device=review_of_token.device)
     in_slot = review_of_token[:, None, :] == slots[None, :, None]  # rows, slots, tokens
-    seen = in_slot.long().cumsum(-1)
-    positions = ((seen * in_slot).sum(1) - 1).clamp(min=0)
-    first_token = (in_slot & (seen == 1)).to(dtype)
+    first_token = (in_slot & (position_ids[:, None, :] == 0)).to(dtype)
     if ADDITIVE_4D_MASK:
         mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
             ~allowed, torch.finfo(dtype).min)[:, None]
     else:
         mask = allowed.long()
-    return mask, positions, first_token
+    return mask, first_token
 
 
 def packed_loss(logits, labels, loss_weights):
@@ -1039,14 +1081,14 @@ class PackedClassifier(torch.nn.Module):
         super().__init__()
         self.model, self.per_row = model, per_row
 
-    def forward(self, input_ids, attention_mask, labels=None, loss_weights=None):
+    def forward(self, input_ids, attention_mask, position_ids, labels=None, loss_weights=None):
         # The token embeddings first: a traced torchrun pipeline stage (torch 2.13) takes
         # its inputs in the order its graph first uses them, and that must be forward's.
         embedded = self.model.get_input_embeddings()(input_ids)
-        mask, positions, first_token = packed_attention(attention_mask, self.per_row,
-                                                        self.model.dtype)
+        mask, first_token = packed_attention(attention_mask, position_ids, self.per_row,
+                                             self.model.dtype)
         hidden = self.model.base_model(inputs_embeds=embedded, attention_mask=mask,
-                                       position_ids=positions)[0]
+                                       position_ids=position_ids)[0]
         firsts = first_token @ hidden  # rows, slots, hidden
         # The model's own head, given each review's first token as a text of one token.
         logits = classify_first_token(self.model, firsts.flatten(0, 1)[:, None])
@@ -1092,6 +1134,9 @@ def review_predictions(predicted, reviews, n):
 # model runs by itself.
 # ----------------------------------------------------------------------------
 
+BUCKET = 64  # --padding buckets: batch lengths are multiples of this (8 shapes at 512)
+
+
 def train_batches(lengths, batch_size, seed, epoch, group_by_length):
     """The epoch's batches as lists of sample indices (shuffle, drop_last).
 
@@ -1125,37 +1170,81 @@ def batches_in_order(n, batch_size):
     return [list(range(i, i + batch_size)) for i in range(0, n, batch_size)]
 
 
-def pad_collate(pad_id):
-    """Stack a batch, the token columns padded to its longest text (packed rows are all full)."""
+def pad_collate(pad_id, multiple=1):
+    """Stack a batch, the token columns padded to its longest text, rounded up to a
+    multiple of `multiple` tokens (--padding buckets; packed rows are all full)."""
     padding_values = {"input_ids": pad_id, "attention_mask": 0}
 
+    def pad(rows, key):
+        batch = torch.nn.utils.rnn.pad_sequence([r[key] for r in rows], batch_first=True,
+                                                padding_value=padding_values[key])
+        extra = -batch.shape[1] % multiple
+        return torch.nn.functional.pad(batch, (0, extra), value=padding_values[key])
+
     def collate(rows):
-        return {key: torch.nn.utils.rnn.pad_sequence([r[key] for r in rows], batch_first=True,
-                                                     padding_value=padding_values[key])
-                if key in padding_values else torch.stack([r[key] for r in rows])
+        return {key: pad(rows, key) if key in padding_values else torch.stack([r[key] for r in rows])
                 for key in rows[0]}
     return collate
 
 
-def torch_loader(ds, batches, pad_id):
+def torch_loader(ds, batches, pad_id, multiple=1, pin_memory=False):
     # Its own generator: starting an epoch must not draw from the global RNG that
     # dropout uses, or a resumed run would not replay the same dropout masks.
-    return torch.utils.data.DataLoader(ds, batch_sampler=batches, collate_fn=pad_collate(pad_id),
-                                       generator=torch.Generator())
+    # Pinned (page-locked) host memory lets the copy to a GPU run while the host goes on.
+    return torch.utils.data.DataLoader(ds, batch_sampler=batches,
+                                       collate_fn=pad_collate(pad_id, multiple),
+                                       generator=torch.Generator(), pin_memory=pin_memory)
 
 
-class NonFiniteLoss(Exception):
-    pass
+def model_inputs(batch):
+    """What a model reads of a batch: ids, mask (packed rows: and positions), not the labels."""
+    return {k: v for k, v in batch.items() if k not in ("labels", "loss_weights")}
 
 
-def torch_steps(model, eval_model, optimizer, device, accumulation, autocast_dtype, ranks):
-    autocast = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype \
-        else contextlib.nullcontext
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
-    def train_step(batch):
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+class SkipNonFinite:
+    """The optimizer step, skipped on the device when the step's loss is not finite.
+
+    The host never waits for a loss to decide (a GPU would sit idle meanwhile):
+    the fused AdamW takes a `found_inf` flag, as GradScaler uses it, and then
+    leaves weights and moments as they were. With --on-nan stop, every later step
+    is skipped too, until the host reads the losses (every --log-every steps),
+    stops and saves the last good weights. Without the fused kernel (torch < 2.4
+    on CPU) the host reads the flag: a sync, but a free one on a CPU.
+    """
+
+    def __init__(self, optimizer, on_nan, device):
+        self.optimizer, self.sticky = optimizer, on_nan == "stop"
+        self.bad = torch.zeros((), dtype=torch.bool, device=device)
+        self.fused = bool(optimizer.defaults.get("fused"))
+
+    def step(self, loss, apply=True):
+        skip = ~torch.isfinite(loss) if apply else torch.ones_like(self.bad)  # warm-up: no update
+        if self.sticky and apply:
+            skip = skip | self.bad
+            self.bad.copy_(skip)
+        if self.fused:
+            self.optimizer.found_inf = skip.float()
+            self.optimizer.step()
+            del self.optimizer.found_inf
+        elif not skip:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def torch_steps(model, eval_model, optimizer, args, device, accumulation, autocast_dtype, ranks):
+    # Autocast's weight cache must be off where the steps are captured in CUDA graphs.
+    autocast = (lambda: torch.autocast(device.type, dtype=autocast_dtype, cache_enabled=False)) \
+        if autocast_dtype else contextlib.nullcontext
+    update = SkipNonFinite(optimizer, args.on_nan, device)
+
+    def train_step(batch, apply=True):
+        """One optimizer step on device tensors; returns its loss, still on the device."""
         model.train()
-        total = 0.0
+        total = torch.zeros((), device=device)
         # Gradient accumulation: the step's batch is cut into micro-batches whose
         # gradients add up before one optimizer step, as on the IPU. Under DDP the
         # gradients are averaged over the replicas once, with the last micro-batch.
@@ -1165,24 +1254,86 @@ def torch_steps(model, eval_model, optimizer, device, accumulation, autocast_dty
             with no_sync() if no_sync else contextlib.nullcontext():
                 with autocast():
                     loss = model(**dict(zip(batch, micro))).loss / accumulation
-                seen = mean_over_replicas(loss.detach(), ranks)
-                if not torch.isfinite(seen):  # before the update: the weights stay good
-                    optimizer.zero_grad(set_to_none=True)
-                    raise NonFiniteLoss(seen.item())
                 loss.backward()
-            total += seen
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            total += loss.detach()
+        total = mean_over_replicas(total, ranks)
+        update.step(total, apply)
         return total
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def eval_step(batch):
         eval_model.eval()
         with autocast():
-            return eval_model(input_ids=batch["input_ids"].to(device),
-                              attention_mask=batch["attention_mask"].to(device)).logits.float()
+            return eval_model(**model_inputs(batch)).logits.float()
 
     return train_step, eval_step
+
+
+class StepGraphs:
+    """The train and eval steps captured as CUDA graphs, one per input shape.
+
+    A step of a small model is about a thousand kernels, each a few microseconds
+    on a GPU; launched one by one from Python, the host cannot keep up and the
+    GPU waits. A CUDA graph records the step's kernels once and replays them in
+    one launch. It needs static shapes and no host sync inside the step: the
+    padding buckets (or max_length, or packed rows) give a few shapes, captured
+    before training; SkipNonFinite keeps the loss on the device. Dropout stays
+    random: PyTorch advances the generator's offset at every replay. A shape not
+    captured (a last, shorter eval batch) runs eagerly. If capturing fails, the
+    whole run falls back to eager steps, with one warning.
+    """
+
+    def __init__(self, train_step, eval_step):
+        self.steps = {"train": train_step, "eval": eval_step}
+        self.warm_up = {"train": lambda batch: train_step(batch, apply=False), "eval": eval_step}
+        self.graphs, self.pool, self.failed = {}, None, None
+        self.seconds = self.warm_up_seconds = 0.0  # all of it, and the eager warm-up steps
+
+    @staticmethod
+    def key(name, batch):
+        return name, tuple((k, tuple(v.shape)) for k, v in batch.items())
+
+    def capture(self, name, examples):
+        """Warm each shape up on a side stream (as torch.cuda.graph asks: lazy
+        initialisation stays out of the graph), then capture them all."""
+        start = time.perf_counter()
+        try:
+            statics = [{k: v.clone() for k, v in example.items()} for example in examples]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for static in statics:
+                    self.warm_up[name](static)  # training: the step with its update skipped
+            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.synchronize()
+            self.warm_up_seconds += time.perf_counter() - start
+            for static in statics:
+                graph = torch.cuda.CUDAGraph()
+                # One memory pool for all: the graphs never run at the same time.
+                with torch.cuda.graph(graph, pool=self.pool):
+                    out = self.steps[name](static)
+                self.pool = graph.pool()
+                self.graphs[self.key(name, static)] = (static, out, graph)
+        except Exception as exc:  # e.g. an op that syncs with the host: run eagerly instead
+            self.failed, self.graphs = first_line(exc), {}
+        self.seconds += time.perf_counter() - start
+
+    def run(self, name, batch):
+        captured = self.graphs.get(self.key(name, batch))
+        if captured is None:
+            return self.steps[name](batch)
+        static, out, graph = captured
+        for k, v in batch.items():
+            static[k].copy_(v, non_blocking=True)
+        graph.replay()
+        return out.clone()  # the next replay writes over `out`
+
+
+def bucket_examples(batch, lengths):
+    """The batch padded or cut to each of these lengths: one example per shape to capture."""
+    tokens = ("input_ids", "attention_mask")
+    return [{k: torch.nn.functional.pad(v, (0, n - v.shape[1]))[:, :n] if k in tokens else v
+             for k, v in batch.items()} for n in lengths]
 
 
 def evaluate(eval_step, loader, order, labels, bar, ranks):
@@ -1196,9 +1347,9 @@ def evaluate(eval_step, loader, order, labels, bar, ranks):
     for batch in loader:
         logits = eval_step(batch)
         if logits is not None:  # None: a pipeline stage before the last
-            batch_predictions.append(logits.argmax(-1).cpu())
+            batch_predictions.append(logits.argmax(-1))  # on the device: no wait per batch
         bar.update(1)
-    mine = [(order, torch.cat(batch_predictions).numpy())] if batch_predictions else []
+    mine = [(order, torch.cat(batch_predictions).cpu().numpy())] if batch_predictions else []
     if ranks.enabled:
         everyone = [None] * ranks.world
         dist.all_gather_object(everyone, mine)
@@ -1215,10 +1366,9 @@ def data_parallel_steps(model, args, device, ranks, accumulation):
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = adamw(model.parameters(), args.lr, device)
-    bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and device.type == "cuda")
     train_step, eval_step = torch_steps(
-        torch.compile(train_model) if args.compile else train_model, model, optimizer,
-        device, accumulation, torch.bfloat16 if bf16 else None, ranks)
+        torch.compile(train_model) if args.compile else train_model, model, optimizer, args,
+        device, accumulation, torch.bfloat16 if use_bf16(args, device) else None, ranks)
     return train_step, eval_step, optimizer
 
 
@@ -1242,31 +1392,37 @@ def finetune_with_torch(args, device, model, plan, data, ranks, run):
         train_step, eval_step, optimizer = data_parallel_steps(classifier, args, device, ranks,
                                                                accumulation)
         run.checkpoint(model, optimizer, mid_epoch=True)
-    eval_loader, eval_order = eval_data(data, args, pipelined, ranks)
+    loading = dict(pad_id=data.pad_id, multiple=BUCKET if run.padding == "buckets" else 1,
+                   pin_memory=device.type == "cuda")
+    eval_loader, eval_order = eval_data(data, args, pipelined, ranks, loading)
+    steps = StepGraphs(train_step, eval_step)
+    if use_cuda_graphs(args, device, ranks, run.padding):
+        capture_steps(steps, run, train_set, step_size, eval_loader, loading, device)
+    run.warmup_seconds = steps.seconds
+    run.state["train_seconds"] += steps.seconds  # the warm-up counts in the reported speed
     steps_per_epoch = len(train_set) // step_size
     if ranks.enabled:
         run.say(f"torchrun: {ranks.world} ranks = {ranks.replicas} replica(s) x {ranks.stages} "
                 f"stage(s); {step_size} {data.unit} per optimizer step")
     run.start(iterations_per_epoch=steps_per_epoch + len(eval_loader),
               steps_per_epoch=steps_per_epoch, step_rows=step_size,
-              accumulation=accumulation, device=describe_device(device, ranks))
+              accumulation=accumulation, device=describe_device(device, ranks),
+              extra={"precision": describe_precision(args, device),
+                     "train and eval steps": describe_steps(steps, args, device, ranks)})
     group_by_length = args.group_by_length == "yes" or (
-        args.group_by_length == "auto" and run.padding == "dynamic")
+        args.group_by_length == "auto" and run.padding in ("dynamic", "buckets"))
     share = slice(ranks.replica * step_batch, (ranks.replica + 1) * step_batch)
     for epoch in run.epochs():
         data.new_epoch(epoch)
         if run.state["batches"] is None:  # every replica's batches, kept in the checkpoint
             run.state["batches"] = data.train_batches(step_size, args.seed, epoch, group_by_length)
         todo = run.state["batches"][run.state["step"]:]
-        for step, batch in zip(todo, torch_loader(train_set, [b[share] for b in todo],
-                                                  data.pad_id)):
-            try:
-                loss = float(train_step(batch))
-            except NonFiniteLoss as bad:
-                loss = run.non_finite_loss(bad.args[0])
-            run.steps_done([loss], data.samples_in_rows(step))
+        loader = torch_loader(train_set, [b[share] for b in todo], **loading)
+        train_epoch(lambda batch: steps.run("train", to_device(batch, device)), loader, todo,
+                    data, run)
         start = time.perf_counter()
-        accuracy = evaluate(eval_step, eval_loader, eval_order, data.eval_labels, run.bar, ranks)
+        accuracy = evaluate(lambda batch: steps.run("eval", to_device(batch, device)),
+                            eval_loader, eval_order, data.eval_labels, run.bar, ranks)
         if ranks.is_main:
             tqdm.write(f"Accuracy: {accuracy:.3f}")
         run.end_epoch(accuracy, time.perf_counter() - start)
@@ -1274,7 +1430,76 @@ def finetune_with_torch(args, device, model, plan, data, ranks, run):
         gather_pipeline_weights(model, stage, ranks)
 
 
-def eval_data(data, args, pipelined, ranks):
+def train_epoch(train_step, loader, todo, data, run):
+    """The epoch's remaining optimizer steps.
+
+    Their losses stay on the device, and the host reads them (one sync) only when
+    the Run needs them: every --log-every and --save-every steps, at a stop
+    request and at the epoch's end. Meanwhile it queues the next steps' work, so
+    a GPU never waits for the host to look at a loss.
+    """
+    pending, samples = [], 0
+    for i, (step, batch) in enumerate(zip(todo, loader)):
+        pending.append(train_step(batch))
+        samples += data.samples_in_rows(step)
+        if run.reading_due(len(pending)) or i == len(todo) - 1:
+            run.steps_done(torch.stack(pending).tolist(), samples, iterations=len(pending))
+            pending, samples = [], 0
+
+
+def use_bf16(args, device):
+    return args.bf16 == "yes" or (args.bf16 == "auto" and device.type == "cuda")
+
+
+def use_cuda_graphs(args, device, ranks, padding):
+    """auto: on one CUDA process with static shapes (--compile captures its own)."""
+    if args.cuda_graphs == "no":
+        return False
+    possible = device.type == "cuda" and not ranks.enabled and padding != "dynamic"
+    if args.cuda_graphs == "yes" and not possible:
+        raise FinetuneError("--cuda-graphs yes needs one process on CUDA with static shapes "
+                            "(--padding buckets, max_length or packed)")
+    return possible and not args.compile
+
+
+def capture_steps(steps, run, train_set, step_size, eval_loader, loading, device):
+    """Capture a graph per shape the run will meet: each bucket's length (or the one
+    static length), for a training step and for a full eval batch."""
+    args, data = run.args, run.data
+    lengths = [args.max_length]
+    if run.padding == "buckets":
+        lengths = sorted({min(n, args.max_length)
+                          for n in range(BUCKET, round_up(args.max_length, BUCKET) + 1, BUCKET)})
+    first_step = data.train_batches(step_size, args.seed, 0, False)[:1]
+    train_example = next(iter(torch_loader(train_set, first_step, **loading)))
+    steps.capture("train", bucket_examples(to_device(train_example, device), lengths))
+    steps.capture("eval", bucket_examples(to_device(next(iter(eval_loader)), device), lengths))
+    if steps.failed:
+        tqdm.write(f"warning: capturing CUDA graphs failed ({steps.failed}); "
+                   "every step runs eagerly instead")
+
+
+def describe_steps(steps, args, device, ranks):
+    if steps.graphs:
+        return (f"CUDA graphs, {len(steps.graphs)} shapes captured in {steps.seconds:.1f} s "
+                f"({steps.warm_up_seconds:.1f} s of it warming up; counted in the first "
+                "epoch's time)")
+    why = (f"capturing CUDA graphs failed: {steps.failed}" if steps.failed else
+           "torch.compile" if args.compile else
+           "--cuda-graphs no" if args.cuda_graphs == "no" else
+           "torchrun" if ranks.enabled and device.type == "cuda" else
+           "dynamic padding: a new shape almost every batch" if device.type == "cuda" else
+           "CPU: the host runs the kernels itself")
+    return f"eager ({why})"
+
+
+def describe_precision(args, device):
+    if use_bf16(args, device):
+        return "bfloat16 autocast"
+    return "float32" + (" (TF32 matmuls)" if device.type == "cuda" else "")
+
+
+def eval_data(data, args, pipelined, ranks, loading):
     """This rank's eval batches, and the review each prediction is.
 
     Traced pipelines and packed rows take whole batches of static rows; otherwise
@@ -1291,7 +1516,7 @@ def eval_data(data, args, pipelined, ranks):
                                args.batch_size * args.device_iterations)
     mine = batches[ranks.replica::ranks.replicas]
     order = reviews[[i for batch in mine for i in batch]]
-    return torch_loader(eval_set, mine, data.pad_id), order
+    return torch_loader(eval_set, mine, **loading), order
 
 
 def describe_device(device, ranks):
@@ -1390,14 +1615,16 @@ def main_process_first(ranks):
 
 
 class LogitsOnly(torch.nn.Module):
-    """What the pipeline traces: token ids and mask in, logits out (the schedule owns the loss)."""
+    """What the pipeline traces: token ids and mask (packed: and positions) in, logits
+    out (the schedule owns the loss)."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+    def forward(self, input_ids, attention_mask, position_ids=None):
+        packed = {} if position_ids is None else {"position_ids": position_ids}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **packed).logits
 
 
 def model_prefix(wrapped):
@@ -1428,8 +1655,10 @@ def pipeline_steps(classifier, plan, args, ranks, device, accumulation):
     """
     from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
     wrapped = LogitsOnly(classifier)
-    example = (torch.zeros(args.batch_size, args.max_length, dtype=torch.long),
-               torch.ones(args.batch_size, args.max_length, dtype=torch.long))
+    ids = torch.zeros(args.batch_size, args.max_length, dtype=torch.long)
+    # ids, mask (packed: and positions); three tensors, as the trace merges a repeated one
+    example = (ids, torch.ones_like(ids)) + (
+        (torch.zeros_like(ids),) if isinstance(classifier, PackedClassifier) else ())
     stages = {}
     for training in (True, False):
         wrapped.train(training)
@@ -1437,6 +1666,7 @@ def pipeline_steps(classifier, plan, args, ranks, device, accumulation):
         stages[training] = pipe.build_stage(ranks.stage, device, group=ranks.pp_group)
     stage_module = stages[True].submod
     optimizer = adamw(stage_module.parameters(), args.lr, device)
+    update = SkipNonFinite(optimizer, args.on_nan, device)
     # The loss is averaged per micro-batch and the schedule divides the summed
     # gradients by the micro-batch count: one mean over the step's samples.
     # Packed, the schedule's target is the labels alone, so the loss function takes
@@ -1454,7 +1684,7 @@ def pipeline_steps(classifier, plan, args, ranks, device, accumulation):
     first, last = ranks.stage == 0, ranks.stage == ranks.stages - 1
 
     def inputs(batch):
-        return (batch["input_ids"].to(device), batch["attention_mask"].to(device)) if first else ()
+        return tuple(v.to(device) for v in model_inputs(batch).values()) if first else ()
 
     def train_step(batch):
         if "loss_weights" in batch:
@@ -1466,16 +1696,12 @@ def pipeline_steps(classifier, plan, args, ranks, device, accumulation):
         loss = torch.stack(losses).mean().detach() if last else torch.zeros((), device=device)
         dist.all_reduce(loss)
         loss /= ranks.replicas
-        if not torch.isfinite(loss):  # before the update: the weights stay good
-            optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLoss(loss.item())
         if ranks.replicas > 1:
             for param in stage_module.parameters():
                 if param.grad is not None:
                     dist.all_reduce(param.grad, group=ranks.dp_group)
                     param.grad /= ranks.replicas
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        update.step(loss)  # every rank knows the loss: all skip a non-finite one alike
         return loss
 
     @torch.no_grad()
@@ -1563,6 +1789,7 @@ class Run:
         self.mid_epoch = False  # whether the host has the current weights mid-epoch
         self.bar = self.stop = None
         self.last = time.perf_counter()
+        self.warmup_seconds = 0.0  # capturing CUDA graphs, before the first epoch
 
     def say_stage_plan(self, model, plan, how):
         self.say(f"pipeline stage plan ({self.args.stages} stages, {how})")
@@ -1624,6 +1851,13 @@ class Run:
             self.epoch_start = self.last = time.perf_counter()
             yield epoch
 
+    def reading_due(self, pending):
+        """Whether the steps run since the last reading must be read now: a loss reading
+        or a checkpoint is due, or (one process) Ctrl-C was pressed."""
+        step, args = self.state["global_step"] + pending, self.args
+        return (step % args.log_every == 0 or bool(args.save_every and step % args.save_every == 0)
+                or (not self.ranks.enabled and self.stop.signal is not None))
+
     def non_finite_loss(self, value, applied=False):
         """Stop (saving the last good weights where the host has them) or skip the step."""
         where = f"epoch {self.state['epoch'] + 1}, step {self.state['step'] + 1}"
@@ -1641,16 +1875,19 @@ class Run:
         raise FinetuneError(f"the loss became {value} at {where}{saved}. "
                             "Lower --lr, or pass --on-nan skip")
 
-    def steps_done(self, losses, samples, applied=False):
-        """Count optimizer steps, each with its loss (None: skipped), over one iteration."""
+    def steps_done(self, losses, samples, applied=False, iterations=1):
+        """Count optimizer steps, each with its loss, over `iterations` bar iterations.
+
+        A non-finite loss stops the run, or counts as a skipped step (its update was
+        skipped where it ran); `applied`: an IPU had applied it already."""
         state, args = self.state, self.args
         now = time.perf_counter()  # the steps and the loading of their batch
         state["train_seconds"] += now - self.last
         self.last = now
         state["train_samples"] += samples
         for loss in losses:
-            if loss is not None and not math.isfinite(loss):
-                self.non_finite_loss(loss, applied)
+            if not math.isfinite(loss):
+                loss = self.non_finite_loss(loss, applied)
             state["step"] += 1
             state["global_step"] += 1
             if loss is not None:
@@ -1667,7 +1904,7 @@ class Run:
             if self.mid_epoch and args.save_every and state["global_step"] % args.save_every == 0:
                 self.save()
                 self.last = time.perf_counter()
-        self.bar.update(1)
+        self.bar.update(iterations)
         if self.stop.requested(self.ranks):
             raise Interrupted(self.stop.signal or "another rank's signal")
 
@@ -1684,7 +1921,11 @@ class Run:
                if self.data.packing else {}),
             "seconds": time.perf_counter() - self.epoch_start,
             "skipped_steps": state["skipped_steps"],
+            "warmup_seconds": self.warmup_seconds,
+            **({"peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+               if self.args.device == "cuda" else {}),
         })
+        self.warmup_seconds = 0.0  # counted in this epoch's time only
         state.update(epoch=state["epoch"] + 1, step=0, batches=None, loss_sum=0.0, loss_steps=0,
                      train_samples=0, train_seconds=0.0, skipped_steps=0)
         if self.ranks.is_main:
@@ -2019,10 +2260,12 @@ def prepare_output_dir(args, ranks):
 
 
 def choose_padding(args, static):
-    """IPU graphs and traced pipelines have fixed shapes; elsewhere pad per batch."""
-    padding = args.padding if args.padding != "auto" else "max_length" if static else "dynamic"
-    if static and padding == "dynamic":
-        raise FinetuneError("--padding dynamic is for CUDA/CPU without pipeline stages: IPU "
+    """IPU graphs and traced pipelines have fixed shapes. A GPU is fastest with a few
+    shapes that CUDA graphs replay (section 8); a CPU with each batch padded to its longest."""
+    padding = args.padding if args.padding != "auto" else "max_length" if static else (
+        "buckets" if args.device == "cuda" else "dynamic")
+    if static and padding in ("dynamic", "buckets"):
+        raise FinetuneError(f"--padding {padding} is for CUDA/CPU without pipeline stages: IPU "
                             "graphs and traced pipelines need static shapes")
     if padding == "packed":
         if args.group_by_length == "yes":
@@ -2048,7 +2291,7 @@ def finetune(args, device, ranks):
         data, model, tokenizer = load_data_and_model(args, padding, say, eager_attention=on_ipu)
     if ranks.enabled:  # same initial weights everywhere, but each rank its own dropout masks
         torch.manual_seed(args.seed + ranks.rank)
-    plan = plan_stages(model, args.stages)
+    plan = plan_stages(model, args.stages if on_ipu else ranks.stages)  # torchrun: its stages
 
     run = Run(args, out_dir, ranks, data, padding, model, say)
     try:

@@ -1,13 +1,15 @@
 #!/usr/bin/env python
 """finetune_electra.py against the Hugging Face Trainer, in one invocation.
 
-Three runs on the same model, data slice, batch size, learning rate, epochs,
-seed and device:
+Runs on the same model, data slice, batch size, learning rate, epochs, seed
+and device (--runs picks them):
 
-  1. Trainer, the tutorial's recipe: every text padded to --max-length;
-  2. Trainer with group_by_length and dynamic padding (its best-known speed-up);
-  3. finetune_electra.py with its defaults (dynamic padding, length-grouped
-     batches, sorted eval batches).
+  trainer               Trainer, the tutorial's recipe: every text padded to --max-length;
+  trainer_grouped       Trainer with group_by_length and dynamic padding (its
+                        best-known speed-up);
+  trainer_grouped_bf16  the same with bf16=True (bf16 autocast);
+  ours                  finetune_electra.py with its defaults (CPU: dynamic padding,
+                        length-grouped batches; CUDA: padding buckets, CUDA graphs).
 
 It prints train and eval samples/s, wall time and accuracy of each, and the
 ratios of ours to each baseline. Trainer gets the recipe's optimizer: AdamW,
@@ -40,11 +42,17 @@ def parse_args():
     p.add_argument("--device", choices=["cpu", "cuda"],
                    default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--runs", default="trainer,trainer_grouped,ours",
-                   help="comma-separated subset of the three runs")
+                   help="comma-separated runs, of: " + ", ".join(RUNS))
     p.add_argument("--json", help="also write the results here")
-    p.add_argument("--only", choices=["trainer", "trainer_grouped", "ours"], help=argparse.SUPPRESS)
+    p.add_argument("--only", choices=list(RUNS), help=argparse.SUPPRESS)
     p.add_argument("--out-dir", help=argparse.SUPPRESS)
     return p.parse_args()
+
+
+RUNS = {"trainer": "Trainer (tutorial recipe, max_length)",
+        "trainer_grouped": "Trainer (group_by_length, dynamic)",
+        "trainer_grouped_bf16": "Trainer (group_by_length, dynamic, bf16=True)",
+        "ours": "finetune_electra.py (defaults)"}
 
 
 def data_for_trainer(args, padding):
@@ -53,12 +61,10 @@ def data_for_trainer(args, padding):
     splits = fe.select_splits(fe.load_raw_splits(args.dataset), "text", "label")
     labels = fe.encode_labels(splits, "label")
     model, tokenizer = fe.load_model(args.model, labels)
-    train, _ = fe.tokenize(fe.subset(splits["train"], args.train_samples, args.seed),
-                           tokenizer, run_args, padding)
-    test, _ = fe.tokenize(fe.subset(splits["eval"], args.eval_samples, args.seed),
-                          tokenizer, run_args, padding)
-    for ds in (train, test):
-        ds.set_format(None)
+    train = fe.tokenize(fe.subset(splits["train"], args.train_samples, args.seed),
+                        tokenizer, run_args, padding)
+    test = fe.tokenize(fe.subset(splits["eval"], args.eval_samples, args.seed),
+                       tokenizer, run_args, padding)
     return model, tokenizer, train.remove_columns("length"), test.remove_columns("length")
 
 
@@ -69,7 +75,7 @@ def group_by_length(grouped):
     return {"train_sampling_strategy": "group_by_length" if grouped else "random"}
 
 
-def run_trainer(args, grouped, out_dir):
+def run_trainer(args, grouped, out_dir, bf16=False):
     torch.manual_seed(args.seed)  # the same fresh classifier head as ours
     model, tokenizer, train, test = data_for_trainer(args, False if grouped else "max_length")
     training_args = TrainingArguments(
@@ -78,7 +84,7 @@ def run_trainer(args, grouped, out_dir):
         weight_decay=0.01, lr_scheduler_type="constant", num_train_epochs=args.epochs,
         seed=args.seed, **group_by_length(grouped), dataloader_drop_last=True,
         use_cpu=args.device == "cpu", report_to=[], save_strategy="no", logging_strategy="no",
-        disable_tqdm=True)
+        disable_tqdm=True, bf16=bf16)
     trainer = Trainer(model=model, args=training_args, train_dataset=train,
                       data_collator=DataCollatorWithPadding(tokenizer))
     start = time.perf_counter()
@@ -94,7 +100,9 @@ def run_trainer(args, grouped, out_dir):
     trained = len(train) // args.batch_size * args.batch_size * args.epochs
     return {"train_samples_per_s": trained / train_seconds,
             "eval_samples_per_s": len(test) / eval_seconds,
-            "wall_s": train_seconds + eval_seconds, "accuracy": accuracy}
+            "wall_s": train_seconds + eval_seconds, "accuracy": accuracy,
+            "peak_memory_gib": (torch.cuda.max_memory_allocated() / 2**30
+                                if args.device == "cuda" else None)}
 
 
 def common_args(args):
@@ -113,12 +121,11 @@ def run_ours(args, out_dir):
 
 def main():
     args = parse_args()
-    names = {"trainer": "Trainer (tutorial recipe, max_length)",
-             "trainer_grouped": "Trainer (group_by_length, dynamic)",
-             "ours": "finetune_electra.py (defaults)"}
+    names = RUNS
     if args.only:  # one run, in a process of its own
         result = (run_ours(args, args.out_dir) if args.only == "ours"
-                  else run_trainer(args, args.only == "trainer_grouped", args.out_dir))
+                  else run_trainer(args, args.only.startswith("trainer_grouped"), args.out_dir,
+                                   bf16=args.only.endswith("bf16")))
         Path(args.out_dir).mkdir(parents=True, exist_ok=True)
         Path(args.out_dir, "result.json").write_text(json.dumps(result))
         return

@@ -1,23 +1,30 @@
 #!/usr/bin/env python
-"""One call proves the CUDA path on a lent GPU: the real pretrained MiniLM fine-tuned on IMDB.
+"""One call measures the CUDA path on a lent GPU against the Hugging Face Trainer.
 
-    python benchmarks/gpu_check.py --carry .gpu_carry   # on the GPU machine (no network)
-    python benchmarks/gpu_check.py --tiny               # the same steps on CPU, tiny slices
+    python benchmarks/gpu_check.py --carry .gpu_carry --out $OUT/gpu.json  # on the GPU machine
+    python benchmarks/gpu_check.py --tiny                                  # every part on CPU
 
-Steps, each printed and written to one results file (--out):
-  a) what it runs on: GPU name, torch and CUDA versions, memory;
-  b) finetune_electra.py through its CLI (in this process, to read the peak GPU
-     memory): all-MiniLM-L6-v2 on IMDB at the tutorial's 512 tokens, batch 32,
-     1 epoch; accuracy, train and eval reviews/s, wall time, peak memory, and the
-     model FLOPs utilisation (MFU) against --peak-tflops, printed with it;
-  c) the Trainer baseline of benchmarks/bench_vs_trainer.py (group_by_length, its
-     fastest) on the same slice, in its own process, and the ratio;
-  d) with more than one GPU, torchrun DDP on all of them, and the scaling.
+The real pretrained MiniLM fine-tuned on IMDB (the whole train split, the carried
+test half) at 512 tokens, batch 32, lr 5e-5, one epoch. Each part runs in a
+process of its own, under its own time limit, and the results file (--out) is
+written again after every part, so that one slow part loses nothing else:
 
-It installs nothing from the network. The GPU machine has torch, transformers,
-accelerate, scikit-learn, pandas and pyarrow but not `datasets`: --carry DIR names
-a folder made here by benchmarks/prepare_gpu_carry.sh (wheels, the model in half
-precision, the IMDB parquet files), whose wheels are installed offline first.
+  cuda_tests       pytest tests/test_cuda_graphs.py (graphed step = eager step)
+  ours             finetune_electra.py with its defaults
+  trainer_fp32     Trainer, group_by_length, fp32 (its default)
+  trainer_bf16     Trainer, group_by_length, bf16=True
+  ours_packed      ours with --padding packed, 16 rows of up to 4 reviews a step
+  ours_fp32        ours with --bf16 no (TF32 matmuls): is bf16 worth it?
+  ours_eager       ours with --cuda-graphs no: what the graphs buy
+  ours_base_size   an ELECTRA-base-sized model from its config (random weights:
+                   speed only) on 8,000 / 2,000 reviews, for MFU where the card can be busy
+  ours_base_size_packed  the same, packed
+
+For each: train and eval reviews/s, accuracy, peak memory, warm-up seconds, wall
+time (process start to accuracy) and the model FLOPs utilisation (MFU) against
+--peak-tflops; then ours over the faster Trainer run. It installs nothing from the
+network: --carry names the folder benchmarks/prepare_gpu_carry.sh makes (datasets
+wheels, MiniLM in half precision, IMDB), whose wheels pip installs offline first.
 """
 
 import argparse
@@ -31,6 +38,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+# (part, seconds it may take, extra finetune_electra.py flags or None for a Trainer run)
+PARTS = [("cuda_tests", 90, None), ("ours", 100, []), ("trainer_fp32", 150, None),
+         ("trainer_bf16", 180, None),
+         ("ours_packed", 100, ["--padding", "packed", "--batch-size", "16"]),
+         ("ours_base_size", 100, []), ("ours_fp32", 100, ["--bf16", "no"]),
+         ("ours_base_size_packed", 100, ["--padding", "packed", "--batch-size", "16"]),
+         ("ours_eager", 120, ["--cuda-graphs", "no"])]
 
 
 def parse_args():
@@ -48,9 +64,11 @@ def parse_args():
                    "32 takes the usual BERT fine-tuning rate")
     p.add_argument("--peak-tflops", type=float, default=790.0,
                    help="the card's dense bf16 peak for MFU (H200: ~790 measured)")
+    p.add_argument("--budget", type=float, default=510,
+                   help="seconds for all parts: a part whose limit no longer fits is skipped")
+    p.add_argument("--parts", default=",".join(name for name, _, _ in PARTS))
     p.add_argument("--tiny", action="store_true",
                    help="CPU, 64 train / 32 eval reviews, 64 tokens, batch 8, fp32 CPU peak")
-    p.add_argument("--skip-trainer", action="store_true")
     p.add_argument("--out", default="gpu_check_results.json")
     args = p.parse_args()
     if args.tiny:
@@ -68,14 +86,30 @@ def install_carried_datasets(carry):
                         "--find-links", str(Path(carry) / "wheels"), "datasets"], check=True)
 
 
-def fp32_model(carry_model, tmp):
+def save_model(model, tokenizer_dir, out):
+    from transformers import AutoTokenizer
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return str(out)
+
+
+def fp32_model(carry_model, out):
     """The carried model is saved in half precision (to fit the 64 MiB a call carries)."""
     import torch
-    from transformers import AutoModel, AutoTokenizer
-    model = AutoModel.from_pretrained(carry_model, torch_dtype=torch.float32)
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(carry_model).save_pretrained(tmp)
-    return str(tmp)
+    from transformers import AutoModel
+    return save_model(AutoModel.from_pretrained(carry_model, torch_dtype=torch.float32),
+                      carry_model, out)
+
+
+def base_size_model(tokenizer_dir, out, tiny):
+    """ELECTRA-base's shape (the discriminator: 12 layers of 768) with random weights."""
+    from transformers import ElectraConfig, ElectraForSequenceClassification
+    size = (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
+            if tiny else dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                              intermediate_size=3072))
+    config = ElectraConfig(vocab_size=30522, embedding_size=size["hidden_size"],
+                           max_position_embeddings=512, **size)
+    return save_model(ElectraForSequenceClassification(config), tokenizer_dir, out)
 
 
 def default_model():
@@ -87,7 +121,14 @@ def machine(device):
     import torch
     import transformers
     info = {"torch": torch.__version__, "transformers": transformers.__version__,
-            "cuda": torch.version.cuda, "device": device}
+            "cuda": torch.version.cuda, "device": device, "python": sys.version.split()[0]}
+    try:
+        import datasets
+        info["datasets"] = datasets.__version__
+        import torchvision
+        info["torchvision"] = torchvision.__version__
+    except ImportError:
+        pass
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, gpus=torch.cuda.device_count(),
@@ -108,66 +149,100 @@ def flops_per_review(model_dir, mean_tokens):
     return per_token * mean_tokens
 
 
-def recipe_args(args, device, out_dir):
+def mean_train_tokens(model, dataset, max_length, train_samples):
+    """Mean tokens per training review as a run sees them (truncated at max_length)."""
+    import finetune_electra as fe
+    splits = fe.select_splits(fe.load_raw_splits(dataset), "text", "label")
+    fe.encode_labels(splits, "label", "neg,pos")
+    _, tokenizer = fe.load_model(model, ["neg", "pos"])
+    run_args = fe.parse_args(["--max-length", str(max_length)])
+    train = fe.subset(splits["train"], train_samples, run_args.seed)
+    return float(fe.Reviews(fe.tokenize(train, tokenizer, run_args, False)).lengths.mean())
+
+
+def recipe_args(args, device, out_dir, model, train_samples, eval_samples):
     """finetune_electra.py's command line for the check's recipe: one epoch of the slice."""
-    argv = ["--model", args.model, "--dataset", args.dataset, "--device", device,
+    argv = ["--model", model, "--dataset", args.dataset, "--device", device,
             "--max-length", str(args.max_length), "--batch-size", str(args.batch_size),
             "--lr", str(args.lr), "--epochs", "1", "--log-every", "50", "--output-dir", out_dir,
             "--label-names", "neg,pos"]
-    for flag, value in (("--train-samples", args.train_samples),
-                        ("--eval-samples", args.eval_samples)):
+    for flag, value in (("--train-samples", train_samples), ("--eval-samples", eval_samples)):
         argv += [flag, str(value)] if value else []
     return argv
 
 
-def run_ours(args, device, out_dir):
-    import torch
-    sys.path.insert(0, str(ROOT))
-    import finetune_electra as fe
-    argv = recipe_args(args, device, out_dir)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+def timed(cmd, limit, log):
+    """Run cmd under a time limit, its output appended to the log; the seconds it took."""
     start = time.perf_counter()
-    code = fe.cli(argv)
-    wall = time.perf_counter() - start
-    if code:
-        raise SystemExit(f"finetune_electra.py failed (exit {code})")
-    metrics = json.loads(Path(out_dir, "metrics.jsonl").read_text().splitlines()[-1])
-    peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-    return metrics, wall, peak_gib
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.flush()
+        subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=limit, check=True)
+    return time.perf_counter() - start
 
 
-def mean_train_tokens(args):
-    """Mean tokens per training review as the run saw them (truncated at --max-length);
-    the tokenized data comes back from the datasets cache the run filled."""
-    sys.path.insert(0, str(ROOT))
-    import finetune_electra as fe
-    splits = fe.select_splits(fe.load_raw_splits(args.dataset), "text", "label")
-    fe.encode_labels(splits, "label", "neg,pos")
-    _, tokenizer = fe.load_model(args.model, ["neg", "pos"])
-    run_args = fe.parse_args(["--max-length", str(args.max_length)])
-    _, lengths = fe.tokenize(fe.subset(splits["train"], args.train_samples, run_args.seed),
-                             tokenizer, run_args, False)
-    return sum(lengths) / len(lengths)
+def run_ours(args, device, tmp, name, extra, limit, log):
+    base = name.startswith("ours_base_size")
+    model = args.base_model if base else args.model
+    samples = ((args.train_samples or 8000, args.eval_samples or 2000) if base
+               else (args.train_samples, args.eval_samples))
+    out = f"{tmp}/{name}"
+    wall = timed([sys.executable, str(ROOT / "finetune_electra.py"),
+                  *recipe_args(args, device, out, model, *samples), *extra], limit, log)
+    metrics = json.loads(Path(out, "metrics.jsonl").read_text().splitlines()[-1])
+    summary = Path(log).read_text().rsplit("Fine-tuning:", 1)[1]
+    steps = next(line.split("  ", 2)[-1].strip() for line in summary.splitlines()
+                 if "train and eval steps" in line)
+    review_flops = flops_per_review(model, args.mean_tokens)
+    return {"accuracy": metrics["accuracy"],
+            "train_reviews_per_s": metrics["train_samples_per_s"],
+            "eval_reviews_per_s": metrics["eval_samples_per_s"],
+            "wall_s": wall, "warmup_s": metrics.get("warmup_seconds"),
+            "peak_memory_gib": metrics.get("peak_memory_gib"), "steps": steps,
+            "mfu": metrics["train_samples_per_s"] * review_flops / (args.peak_tflops * 1e12),
+            "train_gflop_per_review": review_flops / 1e9}
 
 
-def run_trainer(args, device, out_json):
-    cmd = [sys.executable, str(BENCHMARKS / "bench_vs_trainer.py"), "--runs", "trainer_grouped",
-           "--model", args.model, "--dataset", args.dataset, "--device", device,
-           "--max-length", str(args.max_length), "--batch-size", str(args.batch_size),
-           "--lr", str(args.lr), "--json", out_json,
-           "--train-samples", str(args.train_samples or 10**9),
-           "--eval-samples", str(args.eval_samples or 10**9)]
-    subprocess.run(cmd, check=True)
-    return json.loads(Path(out_json).read_text())["results"]["trainer_grouped"]
+def run_trainer(args, device, tmp, name, limit, log):
+    run = {"trainer_fp32": "trainer_grouped", "trainer_bf16": "trainer_grouped_bf16"}[name]
+    out = f"{tmp}/{name}"
+    wall = timed([sys.executable, str(BENCHMARKS / "bench_vs_trainer.py"), "--only", run,
+                  "--out-dir", out, "--model", args.model, "--dataset", args.dataset,
+                  "--device", device, "--max-length", str(args.max_length),
+                  "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+                  "--train-samples", str(args.train_samples or 10**9),
+                  "--eval-samples", str(args.eval_samples or 10**9)], limit, log)
+    result = json.loads(Path(out, "result.json").read_text())
+    review_flops = flops_per_review(args.model, args.mean_tokens)
+    return {"accuracy": result["accuracy"],
+            "train_reviews_per_s": result["train_samples_per_s"],
+            "eval_reviews_per_s": result["eval_samples_per_s"], "wall_s": wall,
+            "warmup_s": None, "peak_memory_gib": result.get("peak_memory_gib"),
+            "mfu": result["train_samples_per_s"] * review_flops / (args.peak_tflops * 1e12)}
 
 
-def run_ddp(args, gpus, out_dir):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={gpus}", str(ROOT / "finetune_electra.py"), "--stages", "1",
-           *recipe_args(args, "cuda", out_dir)]
-    subprocess.run(cmd, check=True)
-    return json.loads(Path(out_dir, "metrics.jsonl").read_text().splitlines()[-1])
+def run_cuda_tests(args, limit, log):
+    start = time.perf_counter()
+    with open(log, "a") as f:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs",
+                               str(ROOT / "tests" / "test_cuda_graphs.py")],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=limit, env={**os.environ, "MINILM_DIR": args.model})
+        f.write(proc.stdout)
+    return {"exit_code": proc.returncode, "summary": proc.stdout.strip().splitlines()[-1],
+            "wall_s": time.perf_counter() - start}
+
+
+def ratios(results):
+    """Ours over the faster of the two Trainer runs, in train and in eval reviews/s."""
+    trainers = [results[n] for n in ("trainer_fp32", "trainer_bf16") if "accuracy" in results.get(n, {})]
+    if not trainers or "accuracy" not in results.get("ours", {}):
+        return None
+    best = max(trainers, key=lambda r: r["train_reviews_per_s"])
+    ours = results["ours"]
+    return {"train": ours["train_reviews_per_s"] / best["train_reviews_per_s"],
+            "eval": ours["eval_reviews_per_s"] / max(r["eval_reviews_per_s"] for r in trainers),
+            "accuracy_points": 100 * (ours["accuracy"] - best["accuracy"])}
 
 
 def main():
@@ -178,47 +253,62 @@ def main():
     device = "cpu" if args.tiny else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run on a GPU machine, or pass --tiny for the CPU check")
-    results = {"machine": machine(device), "args": vars(args)}
-    print("== a) machine:", json.dumps(results["machine"]), flush=True)
+    deadline = time.perf_counter() + args.budget
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log = out.with_suffix(".log")
+    log.write_text("")
+    results = {"machine": machine(device), "args": None, "parts": {}}
+    print("== machine:", json.dumps(results["machine"]), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         if args.carry and not args.model:
             args.model = fp32_model(Path(args.carry) / "model", Path(tmp) / "model")
         args.model = args.model or default_model()
         args.dataset = args.dataset or str(Path(args.carry) / "imdb" if args.carry
                                            else ROOT.parent / "shared" / "data" / "imdb")
+        args.base_model = base_size_model(args.model, Path(tmp) / "base", args.tiny)
+        args.mean_tokens = mean_train_tokens(args.model, args.dataset, args.max_length,
+                                             args.train_samples)
+        results["args"] = vars(args)
+        for name, limit, extra in PARTS:
+            if name not in args.parts.split(","):
+                continue
+            left = deadline - time.perf_counter()
+            if left < limit * 0.6:
+                results["parts"][name] = {"skipped": f"{left:.0f} s left of --budget"}
+                continue
+            print(f"== {name}", flush=True)
+            limit = min(limit, left)
+            try:
+                results["parts"][name] = (
+                    run_cuda_tests(args, limit, log) if name == "cuda_tests" else
+                    run_ours(args, device, tmp, name, extra, limit, log) if extra is not None
+                    else run_trainer(args, device, tmp, name, limit, log))
+            except subprocess.TimeoutExpired:
+                results["parts"][name] = {"timed_out_after_s": limit}
+            except Exception as exc:  # a failed part is a result too; the next one still runs
+                results["parts"][name] = {"failed": f"{type(exc).__name__}: {exc}"}
+            results["ours_over_faster_trainer"] = ratios(results["parts"])
+            print(json.dumps(results["parts"][name]), flush=True)
+            out.write_text(json.dumps(results, indent=2, default=str))
+    print(table(results))
+    print(f"results in {out}, log in {log}")
 
-        print("== b) finetune_electra.py", flush=True)
-        metrics, wall, peak_gib = run_ours(args, device, f"{tmp}/ours")
-        review_flops = flops_per_review(args.model, mean_train_tokens(args))
-        mfu = metrics["train_samples_per_s"] * review_flops / (args.peak_tflops * 1e12)
-        results["ours"] = {"accuracy": metrics["accuracy"],
-                           "train_reviews_per_s": metrics["train_samples_per_s"],
-                           "eval_reviews_per_s": metrics["eval_samples_per_s"],
-                           "wall_s": wall, "peak_memory_gib": peak_gib,
-                           "mfu": mfu, "mfu_peak_tflops_assumed": args.peak_tflops,
-                           "train_gflop_per_review": review_flops / 1e9}
-        print(json.dumps(results["ours"], indent=2), flush=True)
 
-        if not args.skip_trainer:
-            print("== c) Trainer baseline (group_by_length)", flush=True)
-            trainer = run_trainer(args, device, f"{tmp}/trainer.json")
-            results["trainer_grouped"] = trainer
-            results["ours_over_trainer"] = {
-                "train": metrics["train_samples_per_s"] / trainer["train_samples_per_s"],
-                "eval": metrics["eval_samples_per_s"] / trainer["eval_samples_per_s"]}
-            print(json.dumps(results["ours_over_trainer"]), flush=True)
-
-        gpus = torch.cuda.device_count() if device == "cuda" else 0
-        if gpus > 1:
-            print(f"== d) torchrun DDP on {gpus} GPUs", flush=True)
-            ddp = run_ddp(args, gpus, f"{tmp}/ddp")
-            results["ddp"] = {"gpus": gpus, "train_reviews_per_s": ddp["train_samples_per_s"],
-                              "scaling": ddp["train_samples_per_s"] / metrics["train_samples_per_s"],
-                              "accuracy": ddp["accuracy"]}
-            print(json.dumps(results["ddp"]), flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2, default=str))
-    print(f"results in {args.out}")
+def table(results):
+    rows = ["| run | train reviews/s | eval reviews/s | accuracy | MFU | peak GiB | warm-up s | wall s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in results["parts"].items():
+        if "accuracy" not in r:
+            rows.append(f"| {name} | {json.dumps(r)[:120]} |")
+            continue
+        cells = [f"{r['train_reviews_per_s']:.0f}", f"{r['eval_reviews_per_s']:.0f}",
+                 f"{r['accuracy']:.3f}", f"{r['mfu']:.1%}"]
+        cells += ["-" if r.get(k) is None else f"{r[k]:.1f}"
+                  for k in ("peak_memory_gib", "warmup_s", "wall_s")]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    rows.append(f"ours / faster Trainer: {json.dumps(results.get('ours_over_faster_trainer'))}")
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,11 @@ read from PopTorch's source, tag sdk/poptorch/3.4.0; the file is named for each)
   compile, in the modes the modules are in then, and every call runs that graph;
 - identity_loss is traced once per compile; a training graph needs exactly one;
 - PopTorch has no handler for scaled_dot_product_attention: tracing one fails;
+- nor for the ops in UNSUPPORTED_OPS (not in docs/user_guide/supported_ops.rst, no handler
+  in poptorch/source): tracing a graph with one fails with PopTorch's "Unsupported ops
+  found in compiled model"; and cumsum over integers is refused too: PopTorch lowers any
+  cumsum to a float32 convolution with a kernel of ones as long as the dimension
+  (ConvolutionOps.cpp), tested on a 1x5x6 input only;
 - the training model runs backward and the optimizer step itself, on a device
   copy of the weights and optimizer state that reach the host only on detach; one
   call runs deviceIterations optimizer steps of gradientAccumulation micro-batches
@@ -58,6 +63,7 @@ import signal
 import warnings
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # python/__init__.py: `assert torch.__version__.startswith("@TORCH_VERSION@"), ...`
 TORCH_VERSION = os.environ.get("POPTORCH_STANDIN_TORCH", torch.__version__)
@@ -197,6 +203,26 @@ class optim:  # noqa: N801 - mirrors poptorch.optim
 ADAM_STATE = {"exp_avg": "Accl1___", "exp_avg_sq": "Accl2___", "step": "Step___"}
 
 
+# Ops a model may reach that PopTorch 3.4 has no handler for; the dynamic-shape ones
+# (nonzero, masked_select, unique) cannot have one in a static graph.
+UNSUPPORTED_OPS = ("aten::eye", "aten::nonzero", "aten::masked_select", "aten::_unique2",
+                   "aten::unique_dim", "aten::unique_consecutive")
+
+
+class _RefuseUnsupportedOps(TorchDispatchMode):
+    """While a graph is traced: every aten op the model runs, checked against PopTorch's."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if name in UNSUPPORTED_OPS:
+            raise RuntimeError(f"Unsupported ops found in compiled model: [{name}]")
+        if name == "aten::cumsum" and not args[0].is_floating_point():
+            raise RuntimeError("stand-in: cumsum over integers: PopTorch computes every cumsum "
+                               "as a float32 convolution with a kernel of ones as long as the "
+                               "dimension (ConvolutionOps.cpp); compute such values on the host")
+        return func(*args, **(kwargs or {}))
+
+
 def _ipus_used(module):
     return len({getattr(m, "_standin_ipu", None) for m in module.modules()} - {None}) or 1
 
@@ -289,7 +315,7 @@ class _Executor:
         torch.nn.functional.scaled_dot_product_attention = _no_sdpa
         _losses_in_forward.clear()
         try:
-            with torch.random.fork_rng(), torch.no_grad():
+            with torch.random.fork_rng(), torch.no_grad(), _RefuseUnsupportedOps():
                 self.model(*micro)
         finally:
             _tracing[0], torch.nn.functional.scaled_dot_product_attention = None, sdpa

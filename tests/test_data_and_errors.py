@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import torch
 from datasets import Dataset, DatasetDict
 
 import finetune_electra as fe
@@ -71,11 +72,15 @@ def test_subset_is_seeded_and_only_used_splits_are_tokenized(sentiment_dir, tiny
     assert a != fe.subset(splits["train"], 50, seed=2)["text"]
     _, tokenizer = fe.load_model(str(tiny_model_dir), ["0", "1"])
     args = fe.parse_args(["--max-length", "16"])
-    ds, lengths = fe.tokenize(fe.subset(splits["train"], 50, 1), tokenizer, args, "max_length")
+    ds = fe.tokenize(fe.subset(splits["train"], 50, 1), tokenizer, args, "max_length")
     assert ds.column_names == ["labels", "input_ids", "attention_mask", "length"]
-    row = ds[0]
+    reviews = fe.Reviews(ds)
+    row = reviews[0]
     assert sorted(row) == ["attention_mask", "input_ids", "labels"]
-    assert row["input_ids"].shape == (16,) and len(lengths) == 50 and max(lengths) == 16
+    assert row["input_ids"].shape == (16,) and row["input_ids"].dtype == torch.long
+    assert row["input_ids"].tolist() == ds[0]["input_ids"] and int(row["labels"]) == ds[0]["labels"]
+    assert len(reviews) == 50 and reviews.lengths.max() == 16
+    assert [reviews[i]["attention_mask"].sum().item() for i in range(50)] == reviews.lengths.tolist()
 
 
 def test_missing_column_lists_the_columns(capsys, tiny_model_dir, sentiment_dir, tmp_path):
@@ -104,9 +109,12 @@ def test_missing_dataset_directory_files(capsys, tiny_model_dir, tmp_path):
     assert "holds no train/test .parquet/.csv/.json(l) files" in err
 
 
-def test_more_stages_than_layers(capsys, tiny_model_dir, sentiment_dir, tmp_path):
-    err = cli_error(capsys, run_args(tiny_model_dir, sentiment_dir, tmp_path, "--ipus", "6"))
-    assert "6 stages need at least 5 encoder layers" in err and "use --ipus 5 or fewer" in err
+def test_more_stages_than_layers(capsys, fake_poptorch, tiny_model_dir, sentiment_dir, tmp_path):
+    """On IPUs (here the PopTorch stand-in); one CPU process uses no stages, so a model of
+    fewer layers than the default 4 stages runs there."""
+    err = cli_error(capsys, run_args(tiny_model_dir, sentiment_dir, tmp_path, "--device", "ipu",
+                                     "--ipus", "8"))
+    assert "8 stages need at least 7 encoder layers" in err and "use --ipus 5 or fewer" in err
 
 
 def test_ipu_without_poptorch(capsys, monkeypatch, tmp_path):

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import finetune_electra as fe
-from conftest import ROOT, cli_error, cpu_accuracy, run_args, standin_env, summary_of
+from conftest import ROOT, assert_accuracy_of_saved_model, cli_error, run_args, standin_env, summary_of
 
 IPU_ARGS = ["--device", "ipu", "--device-iterations", "4", "--batch-size", "4",
             "--train-samples", "224", "--eval-samples", "50", "--max-length", "32"]
@@ -67,7 +67,7 @@ def test_training_changes_weights_and_inference_sees_them(ipu_run, tiny_model_di
     # The accuracy the inference model reported is that of the trained host weights.
     assert [m["epoch"] for m in metrics] == [1, 2]
     assert 0.0 <= metrics[-1]["accuracy"] <= 1.0
-    assert metrics[-1]["accuracy"] == pytest.approx(cpu_accuracy(out), abs=1e-9)
+    assert_accuracy_of_saved_model(metrics, out)
 
 
 def test_steps_and_losses_are_counted_per_optimizer_step(ipu_run):
@@ -212,6 +212,24 @@ def test_the_standin_refuses_sdpa_as_poptorch_does(fake_poptorch):
             x, x, x)
 
 
+@pytest.mark.parametrize("op, message", [
+    (lambda x: x + torch.eye(x.shape[-1]), r"Unsupported ops found in compiled model: \[aten::eye\]"),
+    (lambda x: x + torch.nonzero(x > 0).sum(), r"Unsupported ops found in compiled model: \[aten::nonzero\]"),
+    (lambda x: x + (x > 0).long().cumsum(-1), "cumsum over integers"),
+])
+def test_the_standin_refuses_ops_poptorch_has_no_handler_for(fake_poptorch, op, message):
+    """What the packed graph used to build its mask (eye) and positions (integer cumsum)."""
+    class Model(torch.nn.Module):
+        def forward(self, x):
+            return op(x)
+
+    opts = fake_poptorch.Options().deviceIterations(8)
+    with pytest.raises(RuntimeError, match=message):
+        fake_poptorch.inferenceModel(Model(), opts).compile(torch.randn(8, 4))
+    op = lambda x: x.cumsum(-1)  # noqa: E731 - a float cumsum, which PopTorch handles, compiles
+    fake_poptorch.inferenceModel(Model(), opts).compile(torch.randn(8, 4))
+
+
 def test_a_poptorch_that_refuses_this_torch_is_one_clear_line(tmp_path):
     env = standin_env(tmp_path, POPTORCH_STANDIN_TORCH="0.0.1")
     for device in ("ipu", "auto"):
@@ -289,7 +307,7 @@ def test_replicas_multiply_the_host_batch_and_every_eval_sample_is_predicted_onc
     assert [s for s, _ in json.loads((out / "loss_curve.json").read_text())] == \
         list(range(1, steps + 1))
     # 50 eval reviews in host batches of 4 x 4 x replicas rows: padded, each predicted once
-    assert metrics[-1]["accuracy"] == pytest.approx(cpu_accuracy(out), abs=1e-9)
+    assert_accuracy_of_saved_model(metrics, out)
 
 
 def test_replicas_get_rows_of_their_own_and_average_their_gradients(fake_poptorch):

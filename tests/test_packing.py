@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import finetune_electra as fe
-from conftest import IMDB_DIR, cli_error, cpu_accuracy, minilm_dir, run_args, sentiment_frame, \
+from conftest import IMDB_DIR, assert_accuracy_of_saved_model, assert_learned, cli_error, minilm_dir, run_args, sentiment_frame, \
     summary_of, tiny_electra
 
 
@@ -17,8 +17,8 @@ def packed_and_alone(model, tokenizer, texts, max_length, per_row):
     from datasets import Dataset
     ds = Dataset.from_dict({"text": texts, "label": [i % 2 for i in range(len(texts))]})
     args = fe.parse_args(["--max-length", str(max_length)])
-    reviews, lengths = fe.tokenize(ds, tokenizer, args, False)
-    rows = fe.pack_rows(lengths, range(len(lengths)), max_length, per_row)
+    reviews = fe.Reviews(fe.tokenize(ds, tokenizer, args, False))
+    rows = fe.pack_rows(reviews.lengths, range(len(reviews)), max_length, per_row)
     packed = fe.PackedRows(reviews, max_length, per_row, tokenizer.pad_token_id, len(rows), 1)
     batch = fe.pad_collate(tokenizer.pad_token_id)([packed.use(rows)[i] for i in range(len(rows))])
     with torch.no_grad():
@@ -60,16 +60,20 @@ def test_packed_logits_equal_each_review_alone(architecture, tiny_model_dir):
     assert (by_review - alone).abs().max() < 1e-4
 
 
-def test_packed_attention_is_block_diagonal_with_restarting_positions():
-    review_of_token = torch.tensor([[1, 1, 1, 2, 2, 0]])
-    mask, positions, first_token = fe.packed_attention(review_of_token, 3, torch.float32)
+def test_packed_attention_is_block_diagonal_with_positions_from_the_host():
+    reviews = [{"input_ids": torch.arange(101, 101 + n), "labels": torch.tensor(0)} for n in (3, 2)]
+    row = fe.PackedRows(reviews, 7, 3, 0, step_rows=1, micro_batches=1).use([[0, 1]])[0]
+    assert row["attention_mask"].tolist() == [1, 1, 1, 2, 2, 0, 0]
+    assert row["position_ids"].tolist() == [0, 1, 2, 0, 1, 0, 0]  # restarting with each review
+    mask, first_token = fe.packed_attention(row["attention_mask"][None], row["position_ids"][None],
+                                            3, torch.float32)
     allowed = (mask[0, 0] == 0) if fe.ADDITIVE_4D_MASK else mask[0].bool()
-    expected = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0],
-                             [0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 0, 1]]).bool()
-    assert torch.equal(allowed, expected)
-    assert positions.tolist() == [[0, 1, 2, 0, 1, 0]]
-    assert first_token.tolist() == [[[1, 0, 0, 0, 0, 0], [0, 0, 0, 1, 0, 0],
-                                     [0, 0, 0, 0, 0, 0]]]  # the third slot is empty
+    expected = torch.tensor([[1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0],
+                             [0, 0, 0, 1, 1, 0, 0], [0, 0, 0, 1, 1, 0, 0],
+                             [0, 0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 0, 1, 1]]).bool()
+    assert torch.equal(allowed, expected)  # padding attends to padding: no row is all masked
+    assert first_token.tolist() == [[[1, 0, 0, 0, 0, 0, 0], [0, 0, 0, 1, 0, 0, 0],
+                                     [0, 0, 0, 0, 0, 0, 0]]]  # the third slot is empty
 
 
 def test_the_loss_is_the_mean_over_the_steps_reviews_however_packed():
@@ -141,8 +145,7 @@ def test_packed_cpu_run_learns_and_reports_its_efficiency(tiny_model_dir, sentim
     out = tmp_path / "run"
     metrics = fe.main(run_args(tiny_model_dir, sentiment_dir, out, *PACKED, "--epochs", "4"))
     summary = summary_of(capsys.readouterr().out)
-    assert metrics[0]["accuracy"] < 0.9 < metrics[-1]["accuracy"]
-    assert metrics[-1]["train_loss"] < 0.7 * metrics[0]["train_loss"]
+    assert_learned(metrics)
     # 400 reviews of 7-47 tokens in rows of 64: 3 per row at most, so at least 134 rows
     # (17 steps of 8 rows); each review once per epoch
     steps = int(summary["optimizer steps per epoch"])
@@ -157,7 +160,7 @@ def test_packed_cpu_run_learns_and_reports_its_efficiency(tiny_model_dir, sentim
     assert all(m["samples_per_step"] == pytest.approx(400 / steps) for m in metrics)
     written = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert written == metrics
-    assert metrics[-1]["accuracy"] == pytest.approx(cpu_accuracy(out), abs=1e-9)
+    assert_accuracy_of_saved_model(metrics, out)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -201,29 +204,30 @@ def test_packed_rows_go_through_the_ipu_flow_on_the_standin(fake_poptorch, tiny_
 
     monkeypatch.setattr(fake_poptorch._Executor, "compile", record)
     out = tmp_path / "run"
+    # 4 rows a micro-batch: at the tests' usual lr 1e-3 accuracy swung by 0.05 from epoch
+    # to epoch, and the last epoch's side of 0.9 depended on the CPU (issue 22)
     metrics = fe.main(run_args(tiny_model_dir, sentiment_dir, out, *PACKED, "--device", "ipu",
                                "--ipus", "2", "--device-iterations", "2", "--batch-size", "4",
-                               "--epochs", "5"))
+                               "--lr", "5e-4", "--epochs", "7"))
     summary = summary_of(capsys.readouterr().out)
     # host batches of 4 rows x 2 device iterations x 3 accumulated = 24 rows; eval 4 x 2
     assert compiled == {
-        "training": {"input_ids": (24, 64), "attention_mask": (24, 64), "labels": (24, 3),
-                     "loss_weights": (24, 3)},
-        "inference": {"input_ids": (8, 64), "attention_mask": (8, 64), "labels": (8, 3),
-                      "loss_weights": (8, 3)}}
+        "training": {"input_ids": (24, 64), "attention_mask": (24, 64), "position_ids": (24, 64),
+                     "labels": (24, 3), "loss_weights": (24, 3)},
+        "inference": {"input_ids": (8, 64), "attention_mask": (8, 64), "position_ids": (8, 64),
+                      "labels": (8, 3), "loss_weights": (8, 3)}}
     assert fake_poptorch.IDENTITY_LOSSES == [("training", "none")]
     events = [e for e in fake_poptorch.EVENTS if e[0] != "call"]
     epoch = [("attach", "training"), ("detach", "training"),
              ("attach", "inference"), ("detach", "inference")]
-    assert events[6:] == epoch * 5 and events[:6] == [
+    assert events[6:] == epoch * 7 and events[:6] == [
         ("compile", "training"), ("attach", "training"), ("detach", "training"),
         ("compile", "inference"), ("attach", "inference"), ("detach", "inference")]
     assert summary["host batch"] == "24 rows"
     steps = int(summary["optimizer steps per epoch"])
     assert all(m["samples_per_step"] * steps == pytest.approx(400) for m in metrics)  # each once
-    assert metrics[0]["accuracy"] < 0.9 < metrics[-1]["accuracy"]
-    assert metrics[-1]["train_loss"] < 0.7 * metrics[0]["train_loss"]
-    assert metrics[-1]["accuracy"] == pytest.approx(cpu_accuracy(out), abs=1e-9)
+    assert_learned(metrics)
+    assert_accuracy_of_saved_model(metrics, out)
 
 
 def test_a_packed_run_resumed_mid_epoch_matches_the_unbroken_run(tiny_model_dir, sentiment_dir,

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import finetune_electra as fe
-from conftest import ROOT, cli_error, cpu_accuracy, summary_of, tiny_electra
+from conftest import ROOT, assert_accuracy_of_saved_model, cli_error, summary_of, tiny_electra
 
 # Micro-batches of 2 and 8 samples per optimizer step in every layout, the same
 # batches in the same order, static padding, no dropout: the runs must agree.
@@ -98,7 +98,7 @@ def test_loss_curve_and_weights_match_the_single_process_run(runs, layout, deter
 def test_multi_rank_accuracy_counts_every_eval_sample_once(runs, layout):
     metrics = read(runs / layout, "metrics.jsonl")
     assert [m["epoch"] for m in metrics] == [1, 2]
-    assert metrics[-1]["accuracy"] == pytest.approx(cpu_accuracy(runs / layout), abs=1e-9)
+    assert_accuracy_of_saved_model(metrics, runs / layout)
     assert metrics[-1]["accuracy"] == read(runs / "single", "metrics.jsonl")[-1]["accuracy"]
 
 
