@@ -21,6 +21,7 @@ results, prediction, and `main()` that puts them together.
 import argparse
 import codecs
 import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -28,6 +29,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import sys
 import time
 from datetime import datetime
@@ -184,7 +186,12 @@ def build_parser():
                      "same graphs skips compiling; 'none' turns it off")
     ipu.add_argument("--schedule", choices=["gpipe", "1f1b"], default="1f1b",
                      help="torchrun pipeline schedule")
+    add_output_arguments(p)
+    return p
 
+
+def add_output_arguments(p):
+    """Where results go, checkpoints, and prediction with a fine-tuned model."""
     out = p.add_argument_group("results and checkpoints")
     out.add_argument("--output-dir", default=None, help="default: runs/<timestamp>")
     out.add_argument("--save-every", type=int, default=None,
@@ -192,13 +199,15 @@ def build_parser():
     out.add_argument("--keep", type=int, default=2, help="checkpoints kept")
     out.add_argument("--resume", default=None,
                      help="an output directory to continue, or 'auto' for the newest in runs/")
+    out.add_argument("--overwrite", action="store_true",
+                     help="replace the run in --output-dir (it is kept until the new run's "
+                     "first checkpoint is written)")
 
     pred = p.add_argument_group("prediction (no training)")
     pred.add_argument("--predict", metavar="MODEL_DIR", default=None,
                       help="classify TEXTS (or --predict-file) with a fine-tuned model")
     pred.add_argument("--predict-file", default=None, help="one text per line")
     pred.add_argument("texts", nargs="*", help="texts to classify with --predict")
-    return p
 
 
 def parse_args(argv=None):
@@ -209,17 +218,45 @@ def parse_args(argv=None):
         # again on this command line wins.
         args.resume = resolve_resume_dir(args.resume)
         saved = read_json(args.resume / "args.json")
-        parser.set_defaults(**{k: v for k, v in saved.items() if k not in ("resume", "texts")})
+        parser.set_defaults(**{k: v for k, v in saved.items() if k not in NOT_RESUMED})
         resumed = parser.parse_args(argv)
         if resumed.model != saved["model"]:
             raise FinetuneError(f"{args.resume} was trained from --model {saved['model']}, "
                                 f"not {resumed.model}: resume it without --model")
+        if resumed.overwrite:
+            raise FinetuneError("--overwrite starts a new run and --resume continues one: "
+                                "give one of them")
         resumed.resume, resumed.output_dir = args.resume, str(args.resume)
+        resumed.changes = resume_changes(saved, resumed)
         args = resumed
     check_ranges(args)
     if (args.texts or args.predict_file) and not args.predict:
         raise FinetuneError("texts to classify (or --predict-file) need --predict MODEL_DIR")
     return args
+
+
+NOT_RESUMED = ("resume", "texts", "overwrite", "output_dir")
+# What a checkpoint's state means depends on these: the data and its order, the shapes,
+# the step's composition, the layout. Resuming with another value is refused.
+FIXED_ON_RESUME = ("model", "dataset", "text_column", "label_column", "label_names",
+                   "train_samples", "eval_samples", "max_length", "padding", "max_per_row",
+                   "batch_size", "gradient_accumulation", "stages", "replicas", "seed")
+
+
+def resume_changes(saved, args):
+    """What this resume changes of the run's settings: refused where it changes what
+    the saved state means, else returned (epochs, lr, --on-nan, cadences ...)."""
+    changes = {k: (saved[k], v) for k, v in vars(args).items()
+               if k in saved and k not in NOT_RESUMED and saved[k] != v}
+    fixed = [k for k in changes if k in FIXED_ON_RESUME]
+    if fixed:
+        raise FinetuneError(
+            f"--resume {args.resume}: " + ", ".join(f"--{k.replace('_', '-')} "
+                                                   f"{changes[k][0]} → {changes[k][1]}"
+                                                   for k in fixed)
+            + " would change what its checkpoints mean; resume with the run's own settings, "
+            "or start a new run in a new --output-dir")
+    return changes
 
 
 # What each number must be, as (argument, test, words for the error); optional ones
@@ -1182,8 +1219,8 @@ def pad_collate(pad_id, multiple=1):
         return torch.nn.functional.pad(batch, (0, extra), value=padding_values[key])
 
     def collate(rows):
-        return {key: pad(rows, key) if key in padding_values else torch.stack([r[key] for r in rows])
-                for key in rows[0]}
+        return {key: pad(rows, key) if key in padding_values
+                else torch.stack([r[key] for r in rows]) for key in rows[0]}
     return collate
 
 
@@ -1575,8 +1612,8 @@ def setup_distributed(args, device):
                             f"use --stages 1 (data parallel only) or a divisor of {world}")
     if args.stages > 1 and not has_pipelining():
         raise FinetuneError(f"torchrun with --stages {args.stages} needs torch.distributed."
-                            f"pipelining, in torch 2.4 or newer (this is torch {torch.__version__}): "
-                            "use --stages 1 (data parallel) or a newer torch")
+                            "pipelining, in torch 2.4 or newer (this is torch "
+                            f"{torch.__version__}): use --stages 1 (data parallel) or a newer torch")
     if args.stages > 1 and (args.resume or args.save_every):
         raise FinetuneError(f"--{'resume' if args.resume else 'save-every'} works for "
                             "single-process and data-parallel runs; torchrun pipeline runs "
@@ -1807,6 +1844,7 @@ class Run:
     def save(self):
         if self.ranks.is_main:
             save_checkpoint(self.out_dir, *self.saving, self.state, self.args.keep)
+            drop_overwritten(self.out_dir)
         if self.ranks.enabled:
             dist.barrier()
         return list_checkpoints(self.out_dir)[-1]
@@ -2241,22 +2279,157 @@ def read_lines(path):
 # 14. main(): the steps in order, on whichever device this is.
 # ----------------------------------------------------------------------------
 
-def prepare_output_dir(args, ranks):
-    """Rank 0 makes the directory and writes args.json; every rank gets its name."""
-    out_dir = Path(args.output_dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}")
+def prepare_output_dir(args, ranks, say):
+    """Rank 0 makes the directory, locks it, and claims it for this run; every rank
+    gets its name. Returns the name and the lock (None on other ranks)."""
+    lock = None
     if ranks.is_main:
         try:
+            out_dir = Path(args.output_dir) if args.output_dir else new_run_dir()
             out_dir.mkdir(parents=True, exist_ok=True)
-            saved = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-            (out_dir / "args.json").write_text(json.dumps(saved, indent=2))
+            lock = DirectoryLock(out_dir, say)
+            claim_output_dir(out_dir, args, say)
         except OSError as exc:
-            raise FinetuneError(f"cannot write to the output directory {out_dir}: "
-                                f"{exc.strerror}") from None
+            raise FinetuneError(f"cannot write to the output directory "
+                                f"{exc.filename or args.output_dir}: {exc.strerror}") from None
     if ranks.enabled:  # the name has a timestamp: everyone takes rank 0's
-        shared = [str(out_dir)]
+        shared = [str(out_dir) if ranks.is_main else None]
         dist.broadcast_object_list(shared)
         out_dir = Path(shared[0])
-    return out_dir
+    return out_dir, lock
+
+
+@contextlib.contextmanager
+def run_directory(args, ranks, say):
+    """The run's output directory, held by this process until the run ends."""
+    out_dir, lock = prepare_output_dir(args, ranks, say)
+    try:
+        yield out_dir
+    finally:
+        if lock:
+            lock.release()
+
+
+def new_run_dir():
+    """runs/<timestamp>, made here; -2, -3 ... where another run took that name."""
+    base = Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        out_dir = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            out_dir.mkdir()
+            return out_dir
+        except FileExistsError:
+            continue
+    raise FinetuneError(f"runs/ holds 999 runs named {base.name}: use --output-dir")
+
+
+class DirectoryLock:
+    """One process at a time per output directory: an exclusive flock on DIR/.lock,
+    whose text names its holder. The kernel drops a flock with its process, so a
+    killed run leaves only the text behind: the next run takes the lock and says so.
+    """
+
+    def __init__(self, out_dir, say):
+        self.file = open(out_dir / ".lock", "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise FinetuneError(f"{out_dir} is in use by {holder}: wait for that run to end, or "
+                                "use another --output-dir") from None
+        self.file.seek(0)
+        left = self.file.read().strip()
+        if left:
+            say(f"note: {out_dir} had a stale lock ({left}, no longer running): taking it over")
+        self.file.truncate(0)
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()} "
+                        f"(since {datetime.now():%Y-%m-%d %H:%M:%S})")
+        self.file.flush()
+
+    def release(self):
+        self.file.truncate(0)  # a run that ends cleanly leaves no stale lock
+        self.file.close()      # and closing drops the flock
+
+
+RUN_FILES = ("args.json", "resumes.jsonl", "metrics.jsonl", "loss_curve.json", "curves.png",
+             "checkpoints", "model")
+OVERWRITTEN = ".overwritten"  # a replaced run, until its replacement has a checkpoint
+
+
+def claim_output_dir(out_dir, args, say):
+    """A directory holds one run. A new run refuses one that holds another (unless
+    --overwrite); a resumed one records what it changed, and args.json stays the
+    record of how the run started."""
+    if args.resume:
+        if args.changes:
+            say("resuming with changed settings: " + ", ".join(
+                f"{k} {old} → {new}" for k, (old, new) in args.changes.items()))
+        with open(out_dir / "resumes.jsonl", "a") as f:
+            f.write(json.dumps({"when": f"{datetime.now():%Y-%m-%d %H:%M:%S}",
+                                "changed": args.changes}) + "\n")
+        return
+    held = describe_run(out_dir)
+    if held and not args.overwrite:
+        raise FinetuneError(f"--output-dir {out_dir} holds {held}: continue it with --resume "
+                            f"{out_dir}, or pass a new --output-dir (--overwrite replaces it)")
+    if held:
+        set_aside(out_dir)
+        say(f"--overwrite: the run in {out_dir} is kept in {out_dir / OVERWRITTEN} until this "
+            "one's first checkpoint is written")
+    saved = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+             if k != "changes"}
+    (out_dir / "args.json").write_text(json.dumps(saved, indent=2))
+
+
+def describe_run(out_dir):
+    """What a directory holds, in a few words, or None if it holds nothing to keep (a
+    run that stopped before its first epoch or checkpoint leaves only its args.json)."""
+    if (out_dir / OVERWRITTEN).exists():
+        return (f"in {OVERWRITTEN} a run that --overwrite set aside "
+                f"({describe_run(out_dir / OVERWRITTEN)}), whose replacement stopped before "
+                "its first checkpoint")
+    if not (out_dir / "args.json").is_file():
+        return None
+    try:
+        metrics = [json.loads(line) for line in
+                   (out_dir / "metrics.jsonl").read_text().splitlines()]
+    except (OSError, ValueError):
+        metrics = []
+    checkpoints = list_checkpoints(out_dir)
+    if not (metrics or checkpoints or (out_dir / "model").is_dir()):
+        return None
+    try:
+        epochs = read_json(out_dir / "args.json").get("epochs")
+    except (FinetuneError, AttributeError):  # damaged: still a run's
+        epochs = "?"
+    if len(metrics) == epochs and (out_dir / "model").is_dir():
+        return (f"a finished run: {epochs} epoch{'s' if epochs > 1 else ''}, accuracy "
+                f"{metrics[-1]['accuracy']:.3f}")
+    newest = f"newest checkpoint {checkpoints[-1].name}" if checkpoints else "no checkpoint"
+    return f"an unfinished run: {len(metrics)} of {epochs} epochs done, {newest}"
+
+
+def set_aside(out_dir):
+    """--overwrite: move the run's files into DIR/.overwritten (a rename, nothing copied).
+    Where one is there already, the run now on top is a replacement that stopped before
+    its first checkpoint: that one goes, the one set aside before stays."""
+    kept = out_dir / OVERWRITTEN
+    earlier = kept.exists()
+    kept.mkdir(exist_ok=True)
+    for name in RUN_FILES:
+        path = out_dir / name
+        if earlier and path.exists():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        elif path.exists():
+            os.rename(path, kept / name)
+
+
+def drop_overwritten(out_dir):
+    """The new run has a checkpoint (or its model): the run it replaced can go."""
+    shutil.rmtree(Path(out_dir) / OVERWRITTEN, ignore_errors=True)
 
 
 def choose_padding(args, static):
@@ -2285,33 +2458,34 @@ def finetune(args, device, ranks):
         datasets.disable_progress_bars()
         transformers.logging.set_verbosity_error()
     padding = choose_padding(args, static=on_ipu or pipelined)
-    out_dir = prepare_output_dir(args, ranks)
-    seed_everything(args.seed)
-    with main_process_first(ranks):  # rank 0 fills the datasets cache, the others read it
-        data, model, tokenizer = load_data_and_model(args, padding, say, eager_attention=on_ipu)
-    if ranks.enabled:  # same initial weights everywhere, but each rank its own dropout masks
-        torch.manual_seed(args.seed + ranks.rank)
-    plan = plan_stages(model, args.stages if on_ipu else ranks.stages)  # torchrun: its stages
+    with run_directory(args, ranks, say) as out_dir:  # this run's alone, locked
+        seed_everything(args.seed)
+        with main_process_first(ranks):  # rank 0 fills the datasets cache, the others read it
+            data, model, tokenizer = load_data_and_model(args, padding, say, eager_attention=on_ipu)
+        if ranks.enabled:  # same initial weights everywhere, but each rank its own dropout masks
+            torch.manual_seed(args.seed + ranks.rank)
+        plan = plan_stages(model, args.stages if on_ipu else ranks.stages)  # torchrun: its stages
 
-    run = Run(args, out_dir, ranks, data, padding, model, say)
-    try:
-        if on_ipu:
-            finetune_on_ipus(args, model, plan, data, run)
-        else:
-            finetune_with_torch(args, device, model, plan, data, ranks, run)
-    except Interrupted as why:
-        run.interrupted(why)
-    finally:
-        run.close()
+        run = Run(args, out_dir, ranks, data, padding, model, say)
+        try:
+            if on_ipu:
+                finetune_on_ipus(args, model, plan, data, run)
+            else:
+                finetune_with_torch(args, device, model, plan, data, ranks, run)
+        except Interrupted as why:
+            run.interrupted(why)
+        finally:
+            run.close()
 
-    # The fine-tuned model (on IPU the host copy, refreshed by the last detach).
-    if ranks.is_main:
-        with writing(f"the model to {out_dir / 'model'}"):
-            model.save_pretrained(out_dir / "model")
-            tokenizer.save_pretrained(out_dir / "model")
-            write_checksums(out_dir / "model")  # --predict checks them
-        say(f"model, metrics.jsonl and curves.png in {out_dir}")
-    return run.state["metrics"]
+        # The fine-tuned model (on IPU the host copy, refreshed by the last detach).
+        if ranks.is_main:
+            with writing(f"the model to {out_dir / 'model'}"):
+                model.save_pretrained(out_dir / "model")
+                tokenizer.save_pretrained(out_dir / "model")
+                write_checksums(out_dir / "model")  # --predict checks them
+            drop_overwritten(out_dir)
+            say(f"model, metrics.jsonl and curves.png in {out_dir}")
+        return run.state["metrics"]
 
 
 def main(argv=None):

@@ -238,9 +238,9 @@ def test_checkpoint_flags_on_torchrun_pipelines_are_refused(monkeypatch, capsys,
     """Pipeline runs write no checkpoints: asking for them is an error, not silently nothing."""
     monkeypatch.setattr(fe, "has_pipelining", lambda: True)
     monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("WORLD_SIZE", "4")
     flag = [str(finished_run) if value == "RUN" else value for value in flag]
-    err = cli_error(capsys, ["--device", "cpu", "--stages", "2", *flag,
+    err = cli_error(capsys, ["--device", "cpu", "--stages", "4", *flag,  # the run's own stages
                              "--output-dir", str(tmp_path / "out")])
     assert f"{flag[0]} works for single-process and data-parallel runs" in err
     assert not (tmp_path / "out").exists()
