@@ -1502,13 +1502,12 @@ def use_cuda_graphs(args, device, ranks, padding):
 def capture_steps(steps, run, train_set, step_size, eval_loader, loading, device):
     """Capture a graph per shape the run will meet: each bucket's length (or the one
     static length), for a training step and for a full eval batch."""
-    args, data = run.args, run.data
+    args = run.args
     lengths = [args.max_length]
     if run.padding == "buckets":
         lengths = sorted({min(n, args.max_length)
                           for n in range(BUCKET, round_up(args.max_length, BUCKET) + 1, BUCKET)})
-    first_step = data.train_batches(step_size, args.seed, 0, False)[:1]
-    train_example = next(iter(torch_loader(train_set, first_step, **loading)))
+    train_example = next(iter(torch_loader(train_set, [list(range(step_size))], **loading)))
     steps.capture("train", bucket_examples(to_device(train_example, device), lengths))
     steps.capture("eval", bucket_examples(to_device(next(iter(eval_loader)), device), lengths))
     if steps.failed:
@@ -1721,13 +1720,13 @@ def pipeline_steps(classifier, plan, args, ranks, device, accumulation):
     first, last = ranks.stage == 0, ranks.stage == ranks.stages - 1
 
     def inputs(batch):
-        return tuple(v.to(device) for v in model_inputs(batch).values()) if first else ()
+        return tuple(model_inputs(batch).values()) if first else ()  # already on the device
 
     def train_step(batch):
         if "loss_weights" in batch:
-            step_weight[:] = [batch["loss_weights"].max().to(device)]
+            step_weight[:] = [batch["loss_weights"].max()]
         losses = []
-        schedule.step(*inputs(batch), target=batch["labels"].to(device) if last else None,
+        schedule.step(*inputs(batch), target=batch["labels"] if last else None,
                       losses=losses)
         # Only last stages know the loss: every rank gets the mean over replicas.
         loss = torch.stack(losses).mean().detach() if last else torch.zeros((), device=device)

@@ -28,6 +28,7 @@ wheels, MiniLM in half precision, IMDB), whose wheels pip installs offline first
 """
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -138,6 +139,7 @@ def machine(device):
     return info
 
 
+@functools.lru_cache(maxsize=None)  # one model built from its config per model directory
 def flops_per_review(model_dir, mean_tokens):
     """Training FLOPs of one review: 6 x non-embedding parameters per token, plus
     attention's 12 x layers x hidden x tokens per token (PaLM's appendix B)."""
@@ -147,6 +149,11 @@ def flops_per_review(model_dir, mean_tokens):
     params = sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
     per_token = 6 * params + 12 * config.num_hidden_layers * config.hidden_size * mean_tokens
     return per_token * mean_tokens
+
+
+def mfu(args, model_dir, reviews_per_s):
+    """Model FLOPs utilisation: the training FLOPs done per second over the card's peak."""
+    return reviews_per_s * flops_per_review(model_dir, args.mean_tokens) / (args.peak_tflops * 1e12)
 
 
 def mean_train_tokens(model, dataset, max_length, train_samples):
@@ -199,7 +206,7 @@ def run_ours(args, device, tmp, name, extra, limit, log):
             "eval_reviews_per_s": metrics["eval_samples_per_s"],
             "wall_s": wall, "warmup_s": metrics.get("warmup_seconds"),
             "peak_memory_gib": metrics.get("peak_memory_gib"), "steps": steps,
-            "mfu": metrics["train_samples_per_s"] * review_flops / (args.peak_tflops * 1e12),
+            "mfu": mfu(args, model, metrics["train_samples_per_s"]),
             "train_gflop_per_review": review_flops / 1e9}
 
 
@@ -213,12 +220,11 @@ def run_trainer(args, device, tmp, name, limit, log):
                   "--train-samples", str(args.train_samples or 10**9),
                   "--eval-samples", str(args.eval_samples or 10**9)], limit, log)
     result = json.loads(Path(out, "result.json").read_text())
-    review_flops = flops_per_review(args.model, args.mean_tokens)
     return {"accuracy": result["accuracy"],
             "train_reviews_per_s": result["train_samples_per_s"],
             "eval_reviews_per_s": result["eval_samples_per_s"], "wall_s": wall,
             "warmup_s": None, "peak_memory_gib": result.get("peak_memory_gib"),
-            "mfu": result["train_samples_per_s"] * review_flops / (args.peak_tflops * 1e12)}
+            "mfu": mfu(args, args.model, result["train_samples_per_s"])}
 
 
 def run_cuda_tests(args, limit, log):
