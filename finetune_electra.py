@@ -1,21 +1,22 @@
 #!/usr/bin/env python
 """Fine-tuning a pretrained transformer: ELECTRA on IMDB movie-review sentiment.
 
-This is Graphcore's tutorial "Fine-tuning a pretrained transformer" as one script
-that runs everywhere. On a machine with IPUs (PopTorch importable) it follows the
-tutorial step by step: four pipeline stages placed with `poptorch.BeginBlock`,
-`trainingModel`/`inferenceModel`, device iterations and output (anchor) modes. On
-CUDA or CPU it runs the same recipe with plain PyTorch, padding each batch only
-to its longest review instead of to 512 tokens (see --padding).
+Graphcore's tutorial "Fine-tuning a pretrained transformer" as one script that runs
+everywhere: on IPUs (where PopTorch imports) step by step as the tutorial, with pipeline
+stages placed by `poptorch.BeginBlock`, `trainingModel`/`inferenceModel`, device
+iterations and output (anchor) modes; on CUDA or CPU, the same recipe in plain PyTorch.
 
     python finetune_electra.py                        # the tutorial's recipe
     python finetune_electra.py --model DIR --dataset DIR --train-samples 2000
 
-Read it top to bottom. First the tutorial, in its order: arguments, device, data,
-model, the pipeline stage plan, and the IPU flow in one function,
-`finetune_on_ipus()`. Then what goes beyond it: the same recipe on CUDA/CPU,
-torchrun pipelines and replicas, progress and stop requests, checkpoints,
-results, prediction, and `main()` that puts them together.
+Part one, up to the banner "Part two" at line 446, is the tutorial in its order:
+    1. Data: IMDB, tokenized           3. Pipeline stages: which layer on which IPU
+    2. Model: ELECTRA, a new head      4. The IPU flow, in one function: finetune_on_ipus()
+    5. finetune() and main(): what runs, and on which device
+Part two is what a first reading may skip; each helper that part one calls is there under
+its own name: argument checks, devices and torchrun's processes, the output directory,
+data from disk, packing, progress, checkpoints, results, the CUDA/CPU flow, torchrun's
+pipelines, prediction.
 """
 
 import argparse
@@ -61,52 +62,398 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 
-class FinetuneError(Exception):
-    """A problem the user can fix: printed as one line, without a traceback."""
+# ----------------------------------------------------------------------------
+# 1. Data: IMDB movie reviews, tokenized.
+#
+# The tutorial loads IMDB from the Hugging Face Hub, trains on its train split
+# and validates on its test split (25,000 reviews each, labels 0=neg, 1=pos),
+# each review turned into ELECTRA's token ids, padded or cut to 512 tokens.
+# ----------------------------------------------------------------------------
+
+def load_splits(name):
+    """`load_dataset("imdb")`, as the tutorial. --dataset PATH reads a local copy instead:
+    a save_to_disk directory, parquet/csv/json files, or the aclImdb folder (part two)."""
+    path = local_path("--dataset", name, "file or directory")
+    if path is not None:
+        return read_local_dataset(path)
+    with loading("dataset", name):  # no hub reachable: one line on how to run offline
+        return load_dataset(name)
 
 
-def read_text(path, flag=None):
-    """A UTF-8 text file. A byte that is not UTF-8 is an error naming the file and
-    where, not silently replaced: the text is what the model learns from."""
-    where = f"{flag} {path}" if flag else str(path)
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise not_utf8(where, exc) from None
-    except OSError as exc:
-        raise FinetuneError(f"{where}: {exc.strerror}") from None
+def read_files(kind, files, split, root):
+    """One split of local parquet, csv or json files, read by datasets as the hub's are."""
+    with naming_unreadable(kind, files, split, root):
+        return load_dataset(kind, data_files=files, split="train")
 
 
-def check_utf8(path):
-    """The same check for a data file that another library reads (some pass bad bytes on)."""
-    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            try:
-                decoder.decode(block)
-            except UnicodeDecodeError as exc:
-                raise not_utf8(path, exc, offset) from None
-            offset += len(block)
-    try:
-        decoder.decode(b"", final=True)
-    except UnicodeDecodeError as exc:
-        raise not_utf8(path, exc, offset) from None
+def tokenize_batch(batch, tokenizer, text_column, max_length, padding):
+    encoded = tokenizer(batch[text_column], truncation=True, max_length=max_length,
+                        padding=padding, return_token_type_ids=False)
+    encoded["length"] = [sum(mask) for mask in encoded["attention_mask"]]
+    return encoded
 
 
-def not_utf8(where, exc, offset=0):
-    return FinetuneError(f"{where} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} "
-                         f"at position {offset + exc.start})")
-
-
-def read_json(path):
-    try:
-        return json.loads(read_text(path))
-    except ValueError as exc:
-        raise FinetuneError(f"{path} is not valid JSON ({exc})") from None
+def tokenize(ds, tokenizer, args, padding):
+    """The tutorial's `map` of the tokenizer over the reviews, the text dropped and the
+    label column renamed `labels`, as the model's forward names it. datasets caches the
+    result: a second run reads it back. Kept besides: each review's length in tokens (to
+    batch like lengths); not kept: token type ids, all zero for single texts."""
+    ds = ds.map(tokenize_batch, batched=True, desc="Tokenizing",
+                remove_columns=[c for c in ds.column_names if c != args.label_column],
+                fn_kwargs=dict(tokenizer=tokenizer, text_column=args.text_column,
+                               max_length=args.max_length, padding=padding))
+    if args.label_column != "labels":
+        ds = ds.rename_column(args.label_column, "labels")
+    return ds
 
 
 # ----------------------------------------------------------------------------
-# 1. Arguments: the defaults are the tutorial's recipe.
+# 2. Model: the pretrained ELECTRA encoder with a new classification head.
+# ----------------------------------------------------------------------------
+
+def load_model(name, label_names, eager_attention=False):
+    """The tutorial's AutoModelForSequenceClassification: the pretrained encoder, and a
+    new head with one output per label. eager_attention: PopTorch has no handler for the
+    scaled_dot_product_attention newer transformers pick, so IPU graphs use plain matmuls."""
+    path = local_path("--model", name, "directory")
+    if path is not None:
+        check_model_dir(path)  # name a damaged file, rather than fail inside transformers
+    attention = {"attn_implementation": "eager"} if eager_attention else {}
+    with loading("model", name):
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            name, num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={n: i for i, n in enumerate(label_names)},
+            ignore_mismatched_sizes=True,  # a head fine-tuned for other labels starts afresh
+            **attention)
+    return model, tokenizer
+
+
+def load_data_and_model(args, padding, say, eager_attention):
+    """The tutorial's data and model steps, in its order; only the splits used are tokenized."""
+    splits = select_splits(load_splits(args.dataset), args.text_column, args.label_column)
+    label_names = encode_labels(splits, args.label_column, args.label_names)
+    say("labels: " + ", ".join(f"{i}={name}" for i, name in enumerate(label_names)))
+    model, tokenizer = load_model(args.model, label_names, eager_attention)
+    check_max_length(args.max_length, model, tokenizer)
+    packing = packing_for(args, model, padding)  # None: a review per row, as the tutorial
+    # "max_length" where shapes are static, as the tutorial; else batches pad as they are made.
+    tokenize_padding = "max_length" if padding == "max_length" else False
+    # The tutorial ends with set_format("torch"), so rows come out as tensors; Reviews
+    # reads the token columns out of Arrow once instead (part two says why).
+    train, eval_ds = (Reviews(tokenize(subset(splits[split], samples, args.seed), tokenizer, args,
+                                       tokenize_padding))
+                      for split, samples in (("train", args.train_samples),
+                                             ("eval", args.eval_samples)))
+    data = Data(train, eval_ds, tokenizer.pad_token_id, packing)
+    return data, model, tokenizer
+
+
+# ----------------------------------------------------------------------------
+# 3. Pipeline stage plan: which module runs on which stage.
+#
+# The tutorial splits ELECTRA over 4 IPUs: embeddings on IPU 0, the 12 encoder
+# layers 4 per IPU on IPUs 1-3, the classifier on IPU 3. Stage 0 holds only the
+# embeddings because their large vocabulary table fills much of an IPU's memory.
+# The plan is computed from the model, so other depths and stage counts work,
+# and the torchrun pipeline uses the very same plan.
+# ----------------------------------------------------------------------------
+
+def layer_stages(num_layers, stages):
+    """Stage of each encoder layer: spread evenly over stages 1..stages-1."""
+    if stages == 1:
+        return [0] * num_layers
+    if stages - 1 > num_layers:
+        raise FinetuneError(f"{stages} stages need at least {stages - 1} encoder layers "
+                            f"(one stage is the embeddings); this model has {num_layers}: "
+                            f"use --ipus {num_layers + 1} or fewer")
+    return [1 + i * (stages - 1) // num_layers for i in range(num_layers)]
+
+
+def plan_stages(model, stages):
+    """[(module name, stage)] in forward order, for any BERT-family classifier."""
+    base_name, base = model.base_model_prefix, model.base_model
+    encoder = None  # (its name, the name of its layer list, the layers)
+    for child_name, child in base.named_children():
+        lists = [(n, m) for n, m in child.named_children() if isinstance(m, torch.nn.ModuleList)]
+        if lists:
+            encoder = (child_name, *lists[0])
+            break
+    if encoder is None:
+        raise FinetuneError(f"cannot find the encoder layers of {type(model).__name__}")
+    encoder_name, layers_name, layers = encoder
+    layers_path = f"{base_name}.{encoder_name}.{layers_name}"
+    plan, stage_of_layer = [], layer_stages(len(layers), stages)
+    seen_encoder = False
+    for child_name, _ in base.named_children():
+        if child_name == encoder_name:
+            seen_encoder = True
+            plan += [(f"{layers_path}.{i}", s) for i, s in enumerate(stage_of_layer)]
+        else:  # embeddings (and their projection) before the encoder, pooler after
+            plan.append((f"{base_name}.{child_name}", stages - 1 if seen_encoder else 0))
+    plan += [(name, stages - 1) for name, module in model.named_children()  # the head
+             if name != base_name and any(True for _ in module.parameters())]
+    return plan
+
+
+# ----------------------------------------------------------------------------
+# 4. The IPU flow: the tutorial, step by step, in one function.
+#
+# Where it departs from the 2021 tutorial, on purpose (each is commented where
+# it happens): gradient accumulation, which pipelined training needs since SDK
+# 2.4; outputMode, the new name of anchorMode; eval batches padded so that every
+# review is predicted; every optimizer step's loss brought back and counted.
+# ----------------------------------------------------------------------------
+
+class IPUWrapper(torch.nn.Module):
+    """PopTorch needs to know which output is the loss it should minimise.
+
+    In training the loss is wrapped in `poptorch.identity_loss` (reduction
+    "none": the model already averaged it); the inference graph returns it as a
+    plain output. trainingModel and inferenceModel each trace a shallow copy of
+    this wrapper, whose own `training` flag PopTorch never changes: the wrapped
+    model, which both copies share, is what is put in each mode before its
+    graph is compiled, so that is the flag to read (as the tutorial's wrapper does).
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, labels, loss_weights=None, position_ids=None):
+        packed = {} if loss_weights is None else {"loss_weights": loss_weights,  # section 11
+                                                  "position_ids": position_ids}
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                         **packed)
+        if self.model.training:
+            return poptorch.identity_loss(out.loss, reduction="none"), out.logits
+        return out.loss, out.logits
+
+
+def set_output_all(opts):
+    """Return every micro-batch's outputs, not just the last one's.
+
+    The tutorial's `anchorMode(All)` was renamed `outputMode` in SDK 2.4 and
+    the old name removed in 2.5: use whichever this SDK has.
+    """
+    if hasattr(opts, "outputMode"):
+        return opts.outputMode(poptorch.OutputMode.All)
+    return opts.anchorMode(poptorch.AnchorMode.All)
+
+
+def ipu_options(args, accumulation, training):
+    # Device iterations: the IPU runs this many optimizer steps (in training) per
+    # call from the host, which is out of the loop meanwhile.
+    opts = poptorch.Options().deviceIterations(args.device_iterations)
+    # Replicas: copies of the whole pipeline on their own IPUs, each on rows of its
+    # own; their gradients are averaged into each step (PopTorch's default
+    # ReductionType.Mean), as DDP does.
+    opts.replicationFactor(args.replicas)
+    # Compiling takes minutes: keep the executables, and a second run with the
+    # same graphs loads them instead.
+    if args.executable_cache != "none":
+        opts.enableExecutableCaching(args.executable_cache)
+    # Output mode All: validation needs every prediction (the tutorial's
+    # anchorMode(All)); in training it brings back every micro-batch's loss, so
+    # each optimizer step's loss is known (the default, Final, returns the last
+    # micro-batch's only). That is 56 losses and 224 x 2 logits per call: < 2 KB.
+    set_output_all(opts)
+    if training:
+        opts.Training.gradientAccumulation(accumulation)
+    return opts
+
+
+def place_on_ipus(model, plan):
+    """poptorch.BeginBlock starts a new pipeline stage at each planned module."""
+    for name, stage in plan:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, attr, poptorch.BeginBlock(getattr(parent, attr), name, ipu_id=stage))
+
+
+def gradient_accumulation(args, stages):
+    """--gradient-accumulation, else 2 x stages - 1: enough micro-batches to fill and
+    drain a pipeline's forward and backward stages (1 without stages)."""
+    return args.gradient_accumulation or 2 * stages - 1
+
+
+def samples_in(batch):
+    """Reviews in a batch: one per row, or per filled slot of packed rows."""
+    return int((batch["labels"] != -100).sum())
+
+
+def review_predictions(predicted, reviews, n):
+    """Each review's prediction, from predictions per row (or per slot) and the review
+    each one is (-1: an empty slot). Padding repeats reviews: each must be predicted."""
+    out = np.full(n, -1, dtype=np.int64)
+    filled = reviews >= 0
+    out[reviews[filled]] = predicted[filled]
+    if (out < 0).any():
+        raise RuntimeError(f"{(out < 0).sum()} eval samples got no prediction")
+    return out
+
+
+def finetune_on_ipus(args, model, plan, data, run):
+    """The tutorial's flow on IPUs with PopTorch, in its order."""
+    # Pipelined training needs 2 x stages - 1 micro-batches per optimizer step or more
+    # to fill and drain the pipeline; PopTorch checks it since SDK 2.4, after the
+    # tutorial was written. So an optimizer step sees 4 x 7 = 28 samples, not 4.
+    accumulation = gradient_accumulation(args, args.stages)
+    train_opts = ipu_options(args, accumulation, training=True)
+    eval_opts = ipu_options(args, 1, training=False)
+
+    # poptorch.DataLoader makes host batches of batch x device iterations (x the
+    # accumulation in training, x the replicas) samples: 4 x 8 x 7 = 224 per training
+    # call on the tutorial's 4 IPUs. With --padding packed a sample is a row of
+    # reviews, packed afresh each epoch, shuffled and in step order (section 11).
+    step_rows = args.batch_size * accumulation * args.replicas
+    host_batch = step_rows * args.device_iterations
+    require_train_samples(data, host_batch, f"one IPU host batch ({args.batch_size} x "
+                          f"{args.device_iterations} device iterations x {accumulation} accumulated"
+                          + (f" x {args.replicas} replicas)" if args.replicas > 1 else ")"))
+    train_set = data.train_dataset(step_rows, accumulation * args.replicas, multiple=host_batch)
+    train_loader = poptorch.DataLoader(train_opts, train_set, batch_size=args.batch_size,
+                                       shuffle=not data.packing, drop_last=True)
+    # A static graph cannot take a short last batch. The tutorial dropped it; here the
+    # eval set is padded to whole batches (repeats of its first review, or empty packed
+    # rows) whose extra predictions are ignored: accuracy is over every review.
+    eval_set, eval_reviews = data.eval_dataset(host_batch // accumulation)  # eval: no accumulation
+    eval_loader = poptorch.DataLoader(eval_opts, eval_set, batch_size=args.batch_size,
+                                      shuffle=False, drop_last=True)
+
+    # Pipeline stages, the wrapper naming the loss, PopTorch's AdamW, the two models.
+    run.say_stage_plan(model, plan, "applied with poptorch.BeginBlock")
+    place_on_ipus(model, plan)
+    wrapped = IPUWrapper(data.classifier(model))  # --padding packed: a PackedClassifier
+    optimizer = poptorch.optim.AdamW(wrapped.parameters(), lr=args.lr)
+    training_model = poptorch.trainingModel(wrapped, options=train_opts, optimizer=optimizer)
+    inference_model = poptorch.inferenceModel(wrapped, options=eval_opts)
+
+    # Compile each model on one batch, then detach it: a training and an
+    # inference model cannot hold the same IPUs at once. A graph is traced in
+    # the mode the model is in then (dropout, identity_loss): set it first.
+    for name, ipu_model, loader in (("training", training_model, train_loader),
+                                    ("inference", inference_model, eval_loader)):
+        wrapped.model.train(name == "training")
+        batch, start = next(iter(loader)), time.perf_counter()
+        ipu_model.compile(**batch)
+        ipu_model.detachFromDevice()
+        run.say(f"{name} graph compiled (or loaded from --executable-cache) in "
+                f"{time.perf_counter() - start:.1f} s")
+    # Checkpoints: the host's weights and PopTorch's optimizer state; --resume loads them here.
+    run.save_checkpoints_of(model, optimizer, mid_epoch=False)
+    run.resume_if_asked()
+    run.start(iterations_per_epoch=len(train_loader) + len(eval_loader),
+              steps_per_epoch=len(train_loader) * args.device_iterations,
+              step_rows=step_rows, accumulation=accumulation,
+              device=(f"IPU, {args.stages} pipeline stages x {args.replicas} replica(s) = "
+                      f"{args.stages * args.replicas} IPUs"),
+              extra={"device iterations": f"{args.device_iterations} optimizer steps per call",
+                     "host batch": f"{host_batch} {data.unit}",
+                     "executable cache": args.executable_cache})
+    for epoch in run.epochs():
+        data.pack_epoch(epoch)
+        training_model.attachToDevice()
+        for batch in train_loader:
+            losses, _ = training_model(**batch)
+            # One call ran device-iterations optimizer steps: one loss for each (the mean of
+            # its micro-batches', on every replica), counted as the CPU loop counts them.
+            step_losses = losses.reshape(args.device_iterations, -1).mean(1)
+            run.steps_done(step_losses.tolist(), samples_in(batch), updates_applied=True)
+        training_model.detachFromDevice()  # the trained weights come back to the host
+
+        inference_model.attachToDevice()   # and this uploads them for validation
+        start, predictions = time.perf_counter(), []
+        for batch in eval_loader:
+            _, logits = inference_model(**batch)
+            predictions.append(logits.argmax(-1))
+            run.bar.update(1)
+        inference_model.detachFromDevice()
+        predicted = review_predictions(torch.cat(predictions).numpy(), eval_reviews, len(data.eval))
+        accuracy = accuracy_score(data.eval_labels, predicted)
+        tqdm.write(f"Accuracy: {accuracy:.3f}")
+        run.end_epoch(accuracy, time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------------
+# 5. finetune() and main(): what runs, and on which device.
+# ----------------------------------------------------------------------------
+
+def finetune(args, device, ranks):
+    """Data, model and stage plan; the IPU flow or the CUDA/CPU one; the fine-tuned model.
+
+    ranks: this process's place among torchrun's processes (alone: rank 0 of 1)."""
+    on_ipu = args.device == "ipu"
+    say = one_voice(ranks)  # rank 0 speaks for all
+    padding = choose_padding(args, static=on_ipu or ranks.stages > 1)
+    with run_directory(args, ranks, say) as out_dir:  # this run's alone, locked
+        seed_everything(args.seed)
+        with main_process_first(ranks):  # rank 0 fills the datasets cache, the others read it
+            data, model, tokenizer = load_data_and_model(args, padding, say, eager_attention=on_ipu)
+        if ranks.enabled:  # same initial weights everywhere, but each rank its own dropout masks
+            torch.manual_seed(args.seed + ranks.rank)
+        plan = plan_stages(model, args.stages if on_ipu else ranks.stages)  # torchrun: its stages
+
+        run = Run(args, out_dir, ranks, data, padding, model, say)
+        try:
+            if on_ipu:
+                finetune_on_ipus(args, model, plan, data, run)
+            else:
+                finetune_with_torch(args, device, model, plan, data, ranks, run)
+        except Interrupted as why:  # Ctrl-C or SIGTERM: save, say how to resume, exit
+            run.interrupted(why)
+        finally:
+            run.close()
+
+        # The fine-tuned model (on IPU the host copy, refreshed by the last detach).
+        if ranks.is_main:
+            save_model(out_dir, model, tokenizer)
+            say(f"model, metrics.jsonl and curves.png in {out_dir}")
+        return run.state["metrics"]
+
+
+def main(argv=None):
+    """Fine-tune on the device there is, or with --predict classify texts.
+
+    The arguments' defaults are the tutorial's recipe (build_parser, part two)."""
+    args = parse_args(argv)  # and checked: bad input ends in one `error:` line
+    if args.predict:
+        return predict_texts(args)
+
+    device = pick_device(args.device)  # auto: IPU if PopTorch imports, else CUDA, else CPU
+    args.device = "ipu" if device == "ipu" else device.type
+    check_device_args(args)
+    ranks = setup_distributed(args, device)  # under torchrun: this process's rank
+    try:
+        return finetune(args, device, ranks)
+    finally:
+        if ranks.enabled:
+            dist.destroy_process_group()
+
+
+def cli(argv=None):
+    """`python finetune_electra.py`: a problem the user can fix is one line, exit code 2."""
+    try:
+        main(argv)
+    except FinetuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# ============================================================================
+# Part two: beyond the tutorial
+#
+# What part one calls for all that is not the tutorial itself: checks of what
+# the user gave, other data formats, the same recipe on CUDA/CPU and under
+# torchrun, packing, progress, checkpoints, results and prediction. A first
+# reading may stop here, and come back for a name.
+# ============================================================================
+
+
+# ----------------------------------------------------------------------------
+# 6. Arguments and their checks: the defaults are the tutorial's recipe.
 # ----------------------------------------------------------------------------
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -250,12 +597,11 @@ def resume_changes(saved, args):
                if k in saved and k not in NOT_RESUMED and saved[k] != v}
     fixed = [k for k in changes if k in FIXED_ON_RESUME]
     if fixed:
-        raise FinetuneError(
-            f"--resume {args.resume}: " + ", ".join(f"--{k.replace('_', '-')} "
-                                                   f"{changes[k][0]} → {changes[k][1]}"
-                                                   for k in fixed)
-            + " would change what its checkpoints mean; resume with the run's own settings, "
-            "or start a new run in a new --output-dir")
+        flags = ", ".join(f"--{k.replace('_', '-')} {changes[k][0]} → {changes[k][1]}"
+                          for k in fixed)
+        raise FinetuneError(f"--resume {args.resume}: {flags} would change what its "
+                            "checkpoints mean; resume with the run's own settings, or start a "
+                            "new run in a new --output-dir")
     return changes
 
 
@@ -265,6 +611,8 @@ def resume_changes(saved, args):
 COUNTS = ("epochs", "batch_size", "eval_batch_size", "gradient_accumulation", "stages",
           "max_per_row", "device_iterations", "replicas", "train_samples", "eval_samples",
           "log_every", "save_every", "keep")
+
+
 NUMBER_RANGES = [(name, lambda v: v >= 1, "at least 1") for name in COUNTS] + [
     ("max_length", lambda v: v >= 2, "at least 2 (the [CLS] and [SEP] tokens)"),
     ("seed", lambda v: 0 <= v < 2**32, "from 0 to 4294967295 (what numpy's generator takes)"),
@@ -282,8 +630,38 @@ def check_ranges(args):
         raise FinetuneError(f"--label-names {args.label_names!r}: a name is empty")
 
 
+def check_device_args(args):
+    """Flags this device cannot honour, refused before minutes of loading."""
+    if args.device == "ipu":
+        check_ipu_args(args)
+    elif args.replicas > 1:
+        raise FinetuneError("--replicas is for IPUs; on CUDA/CPU start one process per replica "
+                            "with torchrun (see the README)")
+
+
+def check_ipu_args(args):
+    """What PopTorch would refuse only after minutes of loading and compiling."""
+    stages, ipus = args.stages, args.stages * args.replicas
+    if ipus & (ipus - 1) or ipus > 64:  # popart_compiler/source/CompilerImpl.cpp
+        raise FinetuneError(f"--ipus {stages} x --replicas {args.replicas} = {ipus} IPUs: PopTorch "
+                            "reserves IPUs in powers of two (at most 64 per process), so use "
+                            "stage and replica counts of 1, 2, 4, 8 or 16")
+    if args.device_iterations < stages:
+        raise FinetuneError(f"--device-iterations {args.device_iterations} cannot fill a "
+                            f"{stages}-stage pipeline: use at least {stages}")
+    if args.on_nan == "skip":
+        raise FinetuneError("--on-nan skip is not possible on IPU: the device applies each "
+                            "step before the host sees its loss")
+    if args.save_every:
+        raise FinetuneError("--save-every is not available on IPU: the weights reach the host "
+                            "only on detach, so checkpoints are taken at epoch ends")
+
+
 # ----------------------------------------------------------------------------
-# 2. Device: the IPU flow where PopTorch is importable, else CUDA, else CPU.
+# 7. Device and processes: which device, which rank under torchrun, the seeds.
+#
+# Alone, a process is rank 0 of 1. Under torchrun each process is one rank;
+# section 16 maps the tutorial's IPU ideas onto them.
 # ----------------------------------------------------------------------------
 
 def pick_device(requested):
@@ -305,22 +683,84 @@ def pick_device(requested):
     return requested if requested == "ipu" else torch.device("cpu")
 
 
-def check_ipu_args(args):
-    """What PopTorch would refuse only after minutes of loading and compiling."""
-    stages, ipus = args.stages, args.stages * args.replicas
-    if ipus & (ipus - 1) or ipus > 64:  # popart_compiler/source/CompilerImpl.cpp
-        raise FinetuneError(f"--ipus {stages} x --replicas {args.replicas} = {ipus} IPUs: PopTorch "
-                            "reserves IPUs in powers of two (at most 64 per process), so use "
-                            "stage and replica counts of 1, 2, 4, 8 or 16")
-    if args.device_iterations < stages:
-        raise FinetuneError(f"--device-iterations {args.device_iterations} cannot fill a "
-                            f"{stages}-stage pipeline: use at least {stages}")
-    if args.on_nan == "skip":
-        raise FinetuneError("--on-nan skip is not possible on IPU: the device applies each "
-                            "step before the host sees its loss")
-    if args.save_every:
-        raise FinetuneError("--save-every is not available on IPU: the weights reach the host "
-                            "only on detach, so checkpoints are taken at epoch ends")
+class Ranks:
+    """Where this process sits: its rank, pipeline stage and replica."""
+
+    def __init__(self, rank=0, world=1, stages=1):
+        self.enabled = world > 1 or "RANK" in os.environ
+        self.rank, self.world, self.stages = rank, world, stages
+        self.replicas = world // stages
+        self.stage, self.replica = rank % stages, rank // stages
+        self.is_main = rank == 0
+        self.pp_group = self.dp_group = None
+        self.device = torch.device("cpu")  # where collectives' tensors live
+
+
+def has_pipelining():
+    """torch.distributed.pipelining came with torch 2.4; the IPU host's torch 2.0.1 lacks it."""
+    try:
+        import torch.distributed.pipelining  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def setup_distributed(args, device):
+    if "RANK" not in os.environ:
+        return Ranks()
+    world = int(os.environ["WORLD_SIZE"])
+    if device == "ipu":
+        raise FinetuneError("torchrun is for CUDA and CPU; on IPUs, PopTorch replicates the model")
+    if world % args.stages:
+        raise FinetuneError(f"{world} processes cannot hold whole {args.stages}-stage pipelines: "
+                            f"use --stages 1 (data parallel only) or a divisor of {world}")
+    if args.stages > 1 and not has_pipelining():
+        raise FinetuneError(f"torchrun with --stages {args.stages} needs torch.distributed."
+                            "pipelining, in torch 2.4 or newer (this is torch "
+                            f"{torch.__version__}): use --stages 1 (data parallel) or a newer "
+                            "torch")
+    if args.stages > 1 and (args.resume or args.save_every):
+        raise FinetuneError(f"--{'resume' if args.resume else 'save-every'} works for "
+                            "single-process and data-parallel runs; torchrun pipeline runs "
+                            "write no checkpoints")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    ranks = Ranks(dist.get_rank(), world, args.stages)
+    ranks.device = device
+    for replica in range(ranks.replicas):  # every rank creates every group, in order
+        group = dist.new_group(list(range(replica * args.stages, (replica + 1) * args.stages)))
+        ranks.pp_group = group if replica == ranks.replica else ranks.pp_group
+    for stage in range(args.stages):
+        group = dist.new_group(list(range(stage, world, args.stages)))
+        ranks.dp_group = group if stage == ranks.stage else ranks.dp_group
+    return ranks
+
+
+def one_voice(ranks):
+    """print on rank 0, which speaks for all; the other ranks, datasets and transformers
+    included, keep quiet."""
+    if ranks.is_main:
+        return print
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    return lambda *_, **__: None
+
+
+@contextlib.contextmanager
+def main_process_first(ranks):
+    """Rank 0 tokenizes first and fills the datasets cache; the others read it."""
+    if ranks.enabled and not ranks.is_main:
+        dist.barrier()
+    yield
+    if ranks.enabled and ranks.is_main:
+        dist.barrier()
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def adamw(params, lr, device):
@@ -336,14 +776,167 @@ def adamw(params, lr, device):
                              capturable=device.type == "cuda")
 
 
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+# ----------------------------------------------------------------------------
+# 8. The output directory: one run in each, locked while it runs.
+# ----------------------------------------------------------------------------
+
+def prepare_output_dir(args, ranks, say):
+    """Rank 0 makes the directory, locks it, and claims it for this run; every rank
+    gets its name. Returns the name and the lock (None on other ranks)."""
+    lock = None
+    if ranks.is_main:
+        try:
+            out_dir = Path(args.output_dir) if args.output_dir else new_run_dir()
+            out_dir.mkdir(parents=True, exist_ok=True)
+            lock = DirectoryLock(out_dir, say)
+            claim_output_dir(out_dir, args, say)
+        except OSError as exc:
+            raise FinetuneError(f"cannot write to the output directory "
+                                f"{exc.filename or args.output_dir}: {exc.strerror}") from None
+    if ranks.enabled:  # the name has a timestamp: everyone takes rank 0's
+        shared = [str(out_dir) if ranks.is_main else None]
+        dist.broadcast_object_list(shared)
+        out_dir = Path(shared[0])
+    return out_dir, lock
+
+
+@contextlib.contextmanager
+def run_directory(args, ranks, say):
+    """The run's output directory, held by this process until the run ends."""
+    out_dir, lock = prepare_output_dir(args, ranks, say)
+    try:
+        yield out_dir
+    finally:
+        if lock:
+            lock.release()
+
+
+def new_run_dir():
+    """runs/<timestamp>, made here; -2, -3 ... where another run took that name."""
+    base = Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        out_dir = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            out_dir.mkdir()
+            return out_dir
+        except FileExistsError:
+            continue
+    raise FinetuneError(f"runs/ holds 999 runs named {base.name}: use --output-dir")
+
+
+class DirectoryLock:
+    """One process at a time per output directory: an exclusive flock on DIR/.lock,
+    whose text names its holder. The kernel drops a flock with its process, so a
+    killed run leaves only the text behind: the next run takes the lock and says so.
+    """
+
+    def __init__(self, out_dir, say):
+        self.file = open(out_dir / ".lock", "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise FinetuneError(f"{out_dir} is in use by {holder}: wait for that run to end, or "
+                                "use another --output-dir") from None
+        self.file.seek(0)
+        left = self.file.read().strip()
+        if left:
+            say(f"note: {out_dir} had a stale lock ({left}, no longer running): taking it over")
+        self.file.truncate(0)
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()} "
+                        f"(since {datetime.now():%Y-%m-%d %H:%M:%S})")
+        self.file.flush()
+
+    def release(self):
+        self.file.truncate(0)  # a run that ends cleanly leaves no stale lock
+        self.file.close()      # and closing drops the flock
+
+
+RUN_FILES = ("args.json", "resumes.jsonl", "metrics.jsonl", "loss_curve.json", "curves.png",
+             "checkpoints", "model")
+
+
+OVERWRITTEN = ".overwritten"  # a replaced run, until its replacement has a checkpoint
+
+
+def claim_output_dir(out_dir, args, say):
+    """A directory holds one run. A new run refuses one that holds another (unless
+    --overwrite); a resumed one records what it changed, and args.json stays the
+    record of how the run started."""
+    if args.resume:
+        if args.changes:
+            say("resuming with changed settings: " + ", ".join(
+                f"{k} {old} → {new}" for k, (old, new) in args.changes.items()))
+        with open(out_dir / "resumes.jsonl", "a") as f:
+            f.write(json.dumps({"when": f"{datetime.now():%Y-%m-%d %H:%M:%S}",
+                                "changed": args.changes}) + "\n")
+        return
+    held = describe_run(out_dir)
+    if held and not args.overwrite:
+        raise FinetuneError(f"--output-dir {out_dir} holds {held}: continue it with --resume "
+                            f"{out_dir}, or pass a new --output-dir (--overwrite replaces it)")
+    if held:
+        set_aside(out_dir)
+        say(f"--overwrite: the run in {out_dir} is kept in {out_dir / OVERWRITTEN} until this "
+            "one's first checkpoint is written")
+    saved = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+             if k != "changes"}
+    (out_dir / "args.json").write_text(json.dumps(saved, indent=2))
+
+
+def describe_run(out_dir):
+    """What a directory holds, in a few words, or None if it holds nothing to keep (a
+    run that stopped before its first epoch or checkpoint leaves only its args.json)."""
+    if (out_dir / OVERWRITTEN).exists():
+        return (f"in {OVERWRITTEN} a run that --overwrite set aside "
+                f"({describe_run(out_dir / OVERWRITTEN)}), whose replacement stopped before "
+                "its first checkpoint")
+    if not (out_dir / "args.json").is_file():
+        return None
+    try:
+        metrics = [json.loads(line) for line in
+                   (out_dir / "metrics.jsonl").read_text().splitlines()]
+    except (OSError, ValueError):
+        metrics = []
+    checkpoints = list_checkpoints(out_dir)
+    if not (metrics or checkpoints or (out_dir / "model").is_dir()):
+        return None
+    try:
+        epochs = read_json(out_dir / "args.json").get("epochs")
+    except (FinetuneError, AttributeError):  # damaged: still a run's
+        epochs = "?"
+    if len(metrics) == epochs and (out_dir / "model").is_dir():
+        return (f"a finished run: {epochs} epoch{'s' if epochs > 1 else ''}, accuracy "
+                f"{metrics[-1]['accuracy']:.3f}")
+    newest = f"newest checkpoint {checkpoints[-1].name}" if checkpoints else "no checkpoint"
+    return f"an unfinished run: {len(metrics)} of {epochs} epochs done, {newest}"
+
+
+def set_aside(out_dir):
+    """--overwrite: move the run's files into DIR/.overwritten (a rename, nothing copied).
+    Where one is there already, the run now on top is a replacement that stopped before
+    its first checkpoint: that one goes, the one set aside before stays."""
+    kept = out_dir / OVERWRITTEN
+    earlier = kept.exists()
+    kept.mkdir(exist_ok=True)
+    for name in RUN_FILES:
+        path = out_dir / name
+        if earlier and path.exists():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        elif path.exists():
+            os.rename(path, kept / name)
+
+
+def drop_overwritten(out_dir):
+    """The new run has a checkpoint (or its model): the run it replaced can go."""
+    shutil.rmtree(Path(out_dir) / OVERWRITTEN, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------
-# 3. Datasets: IMDB from the hub (the tutorial), or the same data from disk.
+# 9. Loading: one line for what does not load, and the data formats on disk.
 # ----------------------------------------------------------------------------
 
 DATA_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}
@@ -351,9 +944,31 @@ OFFLINE_HINT = ("no network? pass a local copy with --model PATH (a save_pretrai
                 "and --dataset PATH (save_to_disk dir, parquet/csv/json files, or aclImdb)")
 
 
-def first_line(exc):
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
+def local_path(flag, name, kind):
+    """The local `kind` that `name` names, or None for a hub name."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    if looks_like_path(name):
+        raise FinetuneError(f"{flag} {name}: no such {kind}")
+    return None
+
+
+def looks_like_path(name):
+    """Hub names are 'name' or 'owner/name'; anything else is meant as a local path."""
+    return (name.startswith((".", "/", "~")) or name.count("/") > 1
+            or Path(name).suffix in DATA_SUFFIXES)
+
+
+def read_local_dataset(path):
+    """--dataset PATH: the aclImdb folder, a save_to_disk directory, or split files."""
+    if not path.is_dir():
+        raise FinetuneError(f"--dataset {path}: give the directory holding the split files")
+    if (path / "train" / "pos").is_dir():
+        return read_aclimdb(path)
+    if (path / "dataset_dict.json").exists():
+        return load_from_disk(str(path))
+    return read_data_files(path)
 
 
 def read_aclimdb(root):
@@ -391,54 +1006,32 @@ def read_data_files(root):
     if kind != "parquet":
         for f in (f for fs in by_split.values() for f in fs):
             check_utf8(f)
-    return DatasetDict({split: read_split(root, kind, split, files)
+    return DatasetDict({split: read_files(kind, files, split, root)
                         for split, files in by_split.items()})
 
 
-def read_split(root, kind, split, files):
+@contextlib.contextmanager
+def naming_unreadable(kind, files, split, root):
+    """datasets wraps the reader's error: show the reader's, and the file it failed on."""
     try:
-        return load_dataset(kind, data_files=files, split="train")
-    except Exception as exc:  # datasets wraps the reader's error: show the reader's
+        yield
+    except Exception as exc:
         while exc.__cause__ or exc.__context__:
             exc = exc.__cause__ or exc.__context__
         if "corresponds to no data" in str(exc):
             raise FinetuneError(f"the {split} split is empty ({', '.join(files)})") from None
-        culprit = next((f for f in files if len(files) > 1 and not readable(kind, f)), files[0])
+        culprit = next((f for f in files if len(files) > 1 and not readable(kind, f, split, root)),
+                       files[0])
         raise FinetuneError(f"could not read the {split} files in {root}: {Path(culprit).name} "
                             f"({first_line(exc)})") from None
 
 
-def readable(kind, data_file):
+def readable(kind, data_file, split, root):
     try:
-        load_dataset(kind, data_files=[data_file], split="train")
-    except Exception:
+        read_files(kind, [data_file], split, root)
+    except FinetuneError:
         return False
     return True
-
-
-def looks_like_path(name):
-    """Hub names are 'name' or 'owner/name'; anything else is meant as a local path."""
-    return (name.startswith((".", "/", "~")) or name.count("/") > 1
-            or Path(name).suffix in DATA_SUFFIXES)
-
-
-def load_raw_splits(name):
-    path = Path(name).expanduser()
-    if not path.exists() and looks_like_path(name):
-        raise FinetuneError(f"--dataset {name}: no such file or directory")
-    if not path.exists():
-        try:
-            return load_dataset(name)
-        except Exception as exc:  # the hub client raises many kinds; all mean "not loaded"
-            raise FinetuneError(f"could not load dataset '{name}' from the Hugging Face Hub "
-                                f"({first_line(exc)}); {OFFLINE_HINT}") from None
-    if not path.is_dir():
-        raise FinetuneError(f"--dataset {path}: give the directory holding the split files")
-    if (path / "train" / "pos").is_dir():
-        return read_aclimdb(path)
-    if (path / "dataset_dict.json").exists():
-        return load_from_disk(str(path))
-    return read_data_files(path)
 
 
 def select_splits(raw, text_column, label_column):
@@ -493,6 +1086,57 @@ def encode_labels(splits, label_column, label_names=None):
     return names
 
 
+def check_model_dir(path):
+    """Name the damaged file of a model directory, rather than fail somewhere inside
+    transformers: checksums where this script wrote them, else the files' own structure."""
+    if not path.is_dir():
+        raise FinetuneError(f"{path} is not a directory")
+    damaged = damaged_files(path)
+    if damaged:
+        raise FinetuneError(f"{path / damaged[0]} is damaged: its checksum is not the one "
+                            "written with it")
+    for f in sorted(path.glob("*.json")):
+        read_json(f)
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception as exc:  # safetensors reads the header and checks the file's size
+            raise FinetuneError(f"{f} is damaged ({first_line(exc)})") from None
+
+
+@contextlib.contextmanager
+def loading(what, name):
+    """A model or dataset that does not load, as one line naming it; from the hub, with
+    how to run without one. The hub client and the loaders raise many kinds of error."""
+    try:
+        yield
+    except Exception as exc:
+        local = Path(name).expanduser().exists()
+        where = f"directory {name}" if local else f"'{name}' from the Hugging Face Hub"
+        hint = "" if local else f"; {OFFLINE_HINT}"
+        raise FinetuneError(f"could not load {what} {where} ({first_line(exc)}){hint}") from None
+
+
+def first_line(exc):
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def check_max_length(max_length, model, tokenizer):
+    """Longer than the model takes is an error, not a silent clamp: the length sets the shapes."""
+    limit = max_tokens(model, tokenizer)
+    if max_length > limit:
+        raise FinetuneError(f"--max-length {max_length}: this model takes at most {limit} "
+                            "tokens; use that or less")
+
+
+def max_tokens(model, tokenizer):
+    """The longest input the model takes: its position table, or the tokenizer's limit."""
+    return min(getattr(model.config, "max_position_embeddings", 10**9),
+               tokenizer.model_max_length)
+
+
 def subset(ds, n, seed):
     """A seeded random subset, so quick runs see a fair mix of labels."""
     if n is None or n >= len(ds):
@@ -500,26 +1144,26 @@ def subset(ds, n, seed):
     return ds.shuffle(seed=seed).select(range(n))
 
 
-def tokenize_batch(batch, tokenizer, text_column, max_length, padding):
-    encoded = tokenizer(batch[text_column], truncation=True, max_length=max_length,
-                        padding=padding, return_token_type_ids=False)
-    encoded["length"] = [sum(mask) for mask in encoded["attention_mask"]]
-    return encoded
+# ----------------------------------------------------------------------------
+# 10. The data the loops read: tokenized reviews, or rows of them.
+# ----------------------------------------------------------------------------
 
-
-def tokenize(ds, tokenizer, args, padding):
-    """Tokenize in batches; datasets caches the result, so a second run reads it back.
-
-    Only input_ids, attention_mask and labels are kept: for single texts the
-    token type ids are all zero, which is the models' default.
-    """
-    ds = ds.map(tokenize_batch, batched=True, desc="Tokenizing",
-                remove_columns=[c for c in ds.column_names if c != args.label_column],
-                fn_kwargs=dict(tokenizer=tokenizer, text_column=args.text_column,
-                               max_length=args.max_length, padding=padding))
-    if args.label_column != "labels":
-        ds = ds.rename_column(args.label_column, "labels")
-    return ds
+def choose_padding(args, static):
+    """IPU graphs and traced pipelines have fixed shapes. A GPU is fastest with a few
+    shapes that CUDA graphs replay (section 15); a CPU with each batch padded to its longest."""
+    padding = args.padding if args.padding != "auto" else "max_length" if static else (
+        "buckets" if args.device == "cuda" else "dynamic")
+    if static and padding in ("dynamic", "buckets"):
+        raise FinetuneError(f"--padding {padding} is for CUDA/CPU without pipeline stages: IPU "
+                            "graphs and traced pipelines need static shapes")
+    if padding == "packed":
+        if args.group_by_length == "yes":
+            raise FinetuneError("--group-by-length is for --padding dynamic: packing fills "
+                                "rows by length itself")
+        args.max_per_row = args.max_per_row or PACKED_MAX_PER_ROW
+    elif args.max_per_row is not None:
+        raise FinetuneError(f"--max-per-row is for --padding packed (this run pads {padding})")
+    return padding
 
 
 class Reviews(torch.utils.data.Dataset):
@@ -553,63 +1197,10 @@ class Reviews(torch.utils.data.Dataset):
                 "labels": torch.tensor(self.labels[i])}
 
 
-# ----------------------------------------------------------------------------
-# 4. Model: a pretrained encoder with a fresh classification head.
-# ----------------------------------------------------------------------------
-
-def load_model(name, label_names, eager_attention=False):
-    """eager_attention: PopTorch has no handler for scaled_dot_product_attention,
-    which newer transformers pick by default, so IPU graphs use the plain matmuls."""
-    path_given = Path(name).expanduser().exists()
-    if not path_given and looks_like_path(name):
-        raise FinetuneError(f"--model {name}: no such directory")
-    attention = {"attn_implementation": "eager"} if eager_attention else {}
-    if path_given:
-        check_model_dir(Path(name).expanduser())
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            name, num_labels=len(label_names),
-            id2label=dict(enumerate(label_names)),
-            label2id={n: i for i, n in enumerate(label_names)},
-            ignore_mismatched_sizes=True,  # a head fine-tuned for other labels starts afresh
-            **attention)
-    except Exception as exc:  # the hub client and the loaders raise many kinds
-        where = f"directory {name}" if path_given else f"'{name}' from the Hugging Face Hub"
-        hint = "" if path_given else f"; {OFFLINE_HINT}"
-        raise FinetuneError(f"could not load model {where} ({first_line(exc)}){hint}") from None
-    return model, tokenizer
-
-
-def check_model_dir(path):
-    """Name the damaged file of a model directory, rather than fail somewhere inside
-    transformers: checksums where this script wrote them, else the files' own structure."""
-    if not path.is_dir():
-        raise FinetuneError(f"{path} is not a directory")
-    damaged = damaged_files(path)
-    if damaged:
-        raise FinetuneError(f"{path / damaged[0]} is damaged: its checksum is not the one "
-                            "written with it")
-    for f in sorted(path.glob("*.json")):
-        read_json(f)
-    for f in sorted(path.glob("*.safetensors")):
-        try:
-            with safe_open(str(f), framework="pt"):
-                pass
-        except Exception as exc:  # safetensors reads the header and checks the file's size
-            raise FinetuneError(f"{f} is damaged ({first_line(exc)})") from None
-
-
-def max_tokens(model, tokenizer):
-    """The longest input the model takes: its position table, or the tokenizer's limit."""
-    return min(getattr(model.config, "max_position_embeddings", 10**9),
-               tokenizer.model_max_length)
-
-
 class Data:
     """The tokenized splits, and what the loops need to know of them.
 
-    With --padding packed (section 7) the loaders read rows of packed reviews
+    With --padding packed (section 11) the loaders read rows of packed reviews
     instead of the reviews themselves, and the model reads them through a
     PackedClassifier: the methods below give each flow the one or the other.
     """
@@ -623,17 +1214,18 @@ class Data:
         self.train_set = train  # what the training loader indexes
         self.rows_per_epoch = None  # packed: the same row count every epoch
 
-    def use_train_rows(self, step_rows, micro_batches, multiple):
-        """Packed: the training rows, `multiple` rows at a time, `step_rows` per optimizer step."""
+    def train_dataset(self, step_rows, micro_batches, multiple):
+        """What the training loader reads: the reviews (the tutorial), or with --padding packed
+        rows of them, `multiple` rows at a time, `step_rows` per optimizer step."""
         if self.packing:
             self.rows_per_epoch = self.packing.rows_per_epoch(self.train_lengths, multiple)
             self.train_set = PackedRows(self.train, self.packing.max_length, self.packing.per_row,
                                         self.pad_id, step_rows, micro_batches)
-            self.new_epoch(0)  # rows for compiling and tracing; each epoch packs its own
+            self.pack_epoch(0)  # rows for compiling and tracing; each epoch packs its own
         return self.train_set
 
-    def new_epoch(self, epoch):
-        """Packed: this epoch's rows (unpacked, the loader shuffles the reviews)."""
+    def pack_epoch(self, epoch):
+        """--padding packed: this epoch's rows. Else nothing: the loader shuffles the reviews."""
         if self.packing:
             self.train_set.use(self.packing.train_rows(self.train_lengths, epoch,
                                                        self.rows_per_epoch))
@@ -647,7 +1239,7 @@ class Data:
     def samples_in_rows(self, indices):
         return sum(len(self.train_set.rows[i]) for i in indices) if self.packing else len(indices)
 
-    def eval_rows(self, multiple):
+    def eval_dataset(self, multiple):
         """The eval set in whole batches of `multiple` rows (static shapes), and the review
         each row (unpacked) or each slot (packed) predicts, -1 for none."""
         if self.packing:
@@ -659,6 +1251,7 @@ class Data:
         return torch.utils.data.Subset(self.eval, indices), np.array(indices)
 
     def classifier(self, model):
+        """The model the flows call: itself, or for packed rows a PackedClassifier around it."""
         return PackedClassifier(model, self.packing.per_row) if self.packing else model
 
     def efficiency(self, packed=True):
@@ -667,191 +1260,10 @@ class Data:
         return sum(self.train_lengths) / (rows * self.packing.max_length)
 
 
-def load_data_and_model(args, padding, say, eager_attention):
-    """The tutorial's data and model steps; only the splits we use are tokenized."""
-    splits = select_splits(load_raw_splits(args.dataset), args.text_column, args.label_column)
-    label_names = encode_labels(splits, args.label_column, args.label_names)
-    say("labels: " + ", ".join(f"{i}={name}" for i, name in enumerate(label_names)))
-    model, tokenizer = load_model(args.model, label_names, eager_attention)
-    # Longer than the model takes is an error, not a silent clamp: the length sets the shapes.
-    limit = max_tokens(model, tokenizer)
-    if args.max_length > limit:
-        raise FinetuneError(f"--max-length {args.max_length}: this model takes at most {limit} "
-                            "tokens; use that or less")
-    packing = None
-    if padding == "packed":
-        check_packable(model)
-        packing = Packing(args.max_length, args.max_per_row, args.seed, args.epochs)
-    tokenize_padding = "max_length" if padding == "max_length" else False
-    train, eval_ds = (Reviews(tokenize(subset(splits[split], samples, args.seed), tokenizer, args,
-                                       tokenize_padding))
-                      for split, samples in (("train", args.train_samples),
-                                             ("eval", args.eval_samples)))
-    data = Data(train, eval_ds, tokenizer.pad_token_id, packing)
-    return data, model, tokenizer
-
-
 def require_train_samples(data, needed, what):
     if len(data.train) < needed:
         raise FinetuneError(f"the train split has {len(data.train)} samples, fewer than {what} "
                             f"({needed}): use more data or a smaller batch")
-
-
-# ----------------------------------------------------------------------------
-# 5. Pipeline stage plan: which module runs on which stage.
-#
-# The tutorial splits ELECTRA over 4 IPUs: embeddings on IPU 0, the 12 encoder
-# layers 4 per IPU on IPUs 1-3, the classifier on IPU 3. Stage 0 holds only the
-# embeddings because their large vocabulary table fills much of an IPU's memory.
-# The plan is computed from the model, so other depths and stage counts work,
-# and the torchrun pipeline uses the very same plan.
-# ----------------------------------------------------------------------------
-
-def layer_stages(num_layers, stages):
-    """Stage of each encoder layer: spread evenly over stages 1..stages-1."""
-    if stages == 1:
-        return [0] * num_layers
-    if stages - 1 > num_layers:
-        raise FinetuneError(f"{stages} stages need at least {stages - 1} encoder layers "
-                            f"(one stage is the embeddings); this model has {num_layers}: "
-                            f"use --ipus {num_layers + 1} or fewer")
-    return [1 + i * (stages - 1) // num_layers for i in range(num_layers)]
-
-
-def plan_stages(model, stages):
-    """[(module name, stage)] in forward order, for any BERT-family classifier."""
-    base_name, base = model.base_model_prefix, model.base_model
-    encoder = None  # (its name, the name of its layer list, the layers)
-    for child_name, child in base.named_children():
-        lists = [(n, m) for n, m in child.named_children() if isinstance(m, torch.nn.ModuleList)]
-        if lists:
-            encoder = (child_name, *lists[0])
-            break
-    if encoder is None:
-        raise FinetuneError(f"cannot find the encoder layers of {type(model).__name__}")
-    encoder_name, layers_name, layers = encoder
-    layers_path = f"{base_name}.{encoder_name}.{layers_name}"
-    plan, stage_of_layer = [], layer_stages(len(layers), stages)
-    seen_encoder = False
-    for child_name, _ in base.named_children():
-        if child_name == encoder_name:
-            seen_encoder = True
-            plan += [(f"{layers_path}.{i}", s) for i, s in enumerate(stage_of_layer)]
-        else:  # embeddings (and their projection) before the encoder, pooler after
-            plan.append((f"{base_name}.{child_name}", stages - 1 if seen_encoder else 0))
-    plan += [(name, stages - 1) for name, module in model.named_children()  # the head
-             if name != base_name and any(True for _ in module.parameters())]
-    return plan
-
-
-def stage_table(model, plan):
-    rows = []
-    for stage in sorted({s for _, s in plan}):
-        names = [n for n, s in plan if s == stage]
-        params = sum(p.numel() for n in names for p in model.get_submodule(n).parameters())
-        rows.append((stage, compact_names(names), params))
-    width = max(len(r[1]) for r in rows)
-    lines = [f"{'stage':>5}  {'modules':<{width}}  {'parameters':>10}"]
-    lines += [f"{s:>5}  {m:<{width}}  {p:>10,}" for s, m, p in rows]
-    return "\n".join(lines)
-
-
-def compact_names(names):
-    """'a.layer.0', 'a.layer.1', 'a.layer.2' -> 'a.layer.0-2'."""
-    out, run = [], []
-    for name in names + [None]:
-        prefix, _, last = name.rpartition(".") if name else ("", "", "")
-        if run and (not last.isdigit() or prefix != run[0][0] or int(last) != run[-1][1] + 1):
-            out.append(f"{run[0][0]}.{run[0][1]}" + (f"-{run[-1][1]}" if len(run) > 1 else ""))
-            run = []
-        if name is None:
-            break
-        if last.isdigit():
-            run.append((prefix, int(last)))
-        else:
-            out.append(name)
-    return ", ".join(out)
-
-
-# ----------------------------------------------------------------------------
-# 6. The IPU flow: the tutorial, step by step, in one function.
-#
-# Where it departs from the 2021 tutorial, on purpose (each is commented where
-# it happens): gradient accumulation, which pipelined training needs since SDK
-# 2.4; outputMode, the new name of anchorMode; eval batches padded so that every
-# review is predicted; every optimizer step's loss brought back and counted.
-# ----------------------------------------------------------------------------
-
-class IPUWrapper(torch.nn.Module):
-    """PopTorch needs to know which output is the loss it should minimise.
-
-    In training the loss is wrapped in `poptorch.identity_loss` (reduction
-    "none": the model already averaged it); the inference graph returns it as a
-    plain output. trainingModel and inferenceModel each trace a shallow copy of
-    this wrapper, whose own `training` flag PopTorch never changes: the wrapped
-    model, which both copies share, is what is put in each mode before its
-    graph is compiled, so that is the flag to read (as the tutorial's wrapper does).
-    """
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask, labels, loss_weights=None, position_ids=None):
-        packed = {} if loss_weights is None else {"loss_weights": loss_weights,  # section 7
-                                                  "position_ids": position_ids}
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                         **packed)
-        if self.model.training:
-            return poptorch.identity_loss(out.loss, reduction="none"), out.logits
-        return out.loss, out.logits
-
-
-def set_output_all(opts):
-    """Return every micro-batch's outputs, not just the last one's.
-
-    The tutorial's `anchorMode(All)` was renamed `outputMode` in SDK 2.4 and
-    the old name removed in 2.5: use whichever this SDK has.
-    """
-    if hasattr(opts, "outputMode"):
-        return opts.outputMode(poptorch.OutputMode.All)
-    return opts.anchorMode(poptorch.AnchorMode.All)
-
-
-def ipu_options(args, accumulation, training):
-    # Device iterations: the IPU runs this many optimizer steps (in training) per
-    # call from the host, which is out of the loop meanwhile.
-    opts = poptorch.Options().deviceIterations(args.device_iterations)
-    # Replicas: copies of the whole pipeline on their own IPUs, each on rows of its
-    # own; their gradients are averaged into each step (PopTorch's default
-    # ReductionType.Mean), as DDP does.
-    opts.replicationFactor(args.replicas)
-    # Compiling takes minutes: keep the executables, and a second run with the
-    # same graphs loads them instead.
-    if args.executable_cache != "none":
-        opts.enableExecutableCaching(args.executable_cache)
-    # Output mode All: validation needs every prediction (the tutorial's
-    # anchorMode(All)); in training it brings back every micro-batch's loss, so
-    # each optimizer step's loss is known (the default, Final, returns the last
-    # micro-batch's only). That is 56 losses and 224 x 2 logits per call: < 2 KB.
-    set_output_all(opts)
-    if training:
-        opts.Training.gradientAccumulation(accumulation)
-    return opts
-
-
-def place_on_ipus(model, plan):
-    """poptorch.BeginBlock starts a new pipeline stage at each planned module."""
-    for name, stage in plan:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, attr, poptorch.BeginBlock(getattr(parent, attr), name, ipu_id=stage))
-
-
-def gradient_accumulation(args, stages):
-    """--gradient-accumulation, else 2 x stages - 1: enough micro-batches to fill and
-    drain a pipeline's forward and backward stages (1 without stages)."""
-    return args.gradient_accumulation or 2 * stages - 1
 
 
 def padded_indices(n, multiple):
@@ -859,94 +1271,8 @@ def padded_indices(n, multiple):
     return list(range(n)) + [0] * (-n % multiple)
 
 
-def finetune_on_ipus(args, model, plan, data, run):
-    """The tutorial's flow on IPUs with PopTorch, in its order."""
-    # Pipelined training needs 2 x stages - 1 micro-batches per optimizer step or more
-    # to fill and drain the pipeline; PopTorch checks it since SDK 2.4, after the
-    # tutorial was written. So an optimizer step sees 4 x 7 = 28 samples, not 4.
-    accumulation = gradient_accumulation(args, args.stages)
-    train_opts = ipu_options(args, accumulation, training=True)
-    eval_opts = ipu_options(args, 1, training=False)
-
-    # poptorch.DataLoader makes host batches of batch x device iterations (x the
-    # accumulation in training, x the replicas) samples: 4 x 8 x 7 = 224 per training
-    # call on the tutorial's 4 IPUs. With --padding packed a sample is a row of
-    # reviews, packed afresh each epoch, shuffled and in step order (section 7).
-    step_rows = args.batch_size * accumulation * args.replicas
-    host_batch = step_rows * args.device_iterations
-    require_train_samples(data, host_batch, f"one IPU host batch ({args.batch_size} x "
-                          f"{args.device_iterations} device iterations x {accumulation} accumulated"
-                          + (f" x {args.replicas} replicas)" if args.replicas > 1 else ")"))
-    train_set = data.use_train_rows(step_rows, accumulation * args.replicas, multiple=host_batch)
-    train_loader = poptorch.DataLoader(train_opts, train_set, batch_size=args.batch_size,
-                                       shuffle=not data.packing, drop_last=True)
-    # A static graph cannot take a short last batch. The tutorial dropped it; here the
-    # eval set is padded to whole batches (repeats of its first review, or empty packed
-    # rows) whose extra predictions are ignored: accuracy is over every review.
-    eval_set, eval_reviews = data.eval_rows(host_batch // accumulation)  # eval: no accumulation
-    eval_loader = poptorch.DataLoader(eval_opts, eval_set, batch_size=args.batch_size,
-                                      shuffle=False, drop_last=True)
-
-    # Pipeline stages, the wrapper naming the loss, PopTorch's AdamW, the two models.
-    run.say_stage_plan(model, plan, "applied with poptorch.BeginBlock")
-    place_on_ipus(model, plan)
-    wrapped = IPUWrapper(data.classifier(model))
-    optimizer = poptorch.optim.AdamW(wrapped.parameters(), lr=args.lr)
-    training_model = poptorch.trainingModel(wrapped, options=train_opts, optimizer=optimizer)
-    inference_model = poptorch.inferenceModel(wrapped, options=eval_opts)
-
-    # Compile each model on one batch, then detach it: a training and an
-    # inference model cannot hold the same IPUs at once. A graph is traced in
-    # the mode the model is in then (dropout, identity_loss): set it first.
-    for name, ipu_model, loader in (("training", training_model, train_loader),
-                                    ("inference", inference_model, eval_loader)):
-        wrapped.model.train(name == "training")
-        batch, start = next(iter(loader)), time.perf_counter()
-        ipu_model.compile(**batch)
-        ipu_model.detachFromDevice()
-        run.say(f"{name} graph compiled (or loaded from --executable-cache) in "
-                f"{time.perf_counter() - start:.1f} s")
-    # --resume: the host weights and PopTorch's optimizer state, uploaded at the next attach.
-    run.checkpoint(model, optimizer, mid_epoch=False)
-
-    run.start(iterations_per_epoch=len(train_loader) + len(eval_loader),
-              steps_per_epoch=len(train_loader) * args.device_iterations,
-              step_rows=step_rows, accumulation=accumulation,
-              device=(f"IPU, {args.stages} pipeline stages x {args.replicas} replica(s) = "
-                      f"{args.stages * args.replicas} IPUs"),
-              extra={"device iterations": f"{args.device_iterations} optimizer steps per call",
-                     "host batch": f"{host_batch} {data.unit}",
-                     "executable cache": args.executable_cache})
-    for epoch in run.epochs():
-        data.new_epoch(epoch)
-        training_model.attachToDevice()
-        for batch in train_loader:
-            losses, _ = training_model(**batch)
-            # One call ran device-iterations optimizer steps: one loss for each (the mean of
-            # its micro-batches', on every replica), counted as the CPU loop counts them.
-            step_losses = losses.reshape(args.device_iterations, -1).mean(1)
-            run.steps_done(step_losses.tolist(), samples_in(batch), applied=True)
-        training_model.detachFromDevice()  # the trained weights come back to the host
-
-        inference_model.attachToDevice()   # and this uploads them for validation
-        start, predictions = time.perf_counter(), []
-        for batch in eval_loader:
-            _, logits = inference_model(**batch)
-            predictions.append(logits.argmax(-1))
-            run.bar.update(1)
-        inference_model.detachFromDevice()
-        predicted = review_predictions(torch.cat(predictions).numpy(), eval_reviews, len(data.eval))
-        accuracy = accuracy_score(data.eval_labels, predicted)
-        tqdm.write(f"Accuracy: {accuracy:.3f}")
-        run.end_epoch(accuracy, time.perf_counter() - start)
-
-
-# ============================================================================
-# Beyond the tutorial
-# ============================================================================
-
 # ----------------------------------------------------------------------------
-# 7. Packing: several reviews in one row of --max-length tokens.
+# 11. Packing: several reviews in one row of --max-length tokens.
 #
 # IPU graphs and traced pipelines take rows of exactly --max-length tokens, and
 # an IMDB review is 275 of 512 tokens on average: padded to max_length, almost
@@ -966,6 +1292,20 @@ def finetune_on_ipus(args, model, plan, data, run):
 PACKED_MAX_PER_ROW = 4  # IMDB at 512 tokens: rows 98.7% full (3: 98.5%, 2: 91%)
 PACKING_WINDOW = 1000   # reviews packed together: enough to fill rows, still shuffled
 PACKABLE_MODELS = ("ElectraForSequenceClassification", "BertForSequenceClassification")
+
+
+def packing_for(args, model, padding):
+    """--padding packed: how this run packs reviews into rows (None otherwise)."""
+    if padding != "packed":
+        return None
+    check_packable(model)
+    return Packing(args.max_length, args.max_per_row, args.seed, args.epochs)
+
+
+def check_packable(model):
+    if type(model).__name__ not in PACKABLE_MODELS:
+        raise FinetuneError(f"--padding packed knows the heads of {' and '.join(PACKABLE_MODELS)}, "
+                            f"not {type(model).__name__}: use --padding max_length")
 
 
 def pack_rows(lengths, order, max_length, per_row):
@@ -1140,30 +1480,528 @@ def classify_first_token(model, first_token):
     return model.classifier(first_token)  # ELECTRA's head reads the first token itself
 
 
-def check_packable(model):
-    if type(model).__name__ not in PACKABLE_MODELS:
-        raise FinetuneError(f"--padding packed knows the heads of {' and '.join(PACKABLE_MODELS)}, "
-                            f"not {type(model).__name__}: use --padding max_length")
+# ----------------------------------------------------------------------------
+# 12. Progress, losses and stop requests: what every flow shares.
+#
+# A Run holds the state a checkpoint needs to continue (epoch, step, the
+# epoch's batch order, running sums, metrics), the one progress bar over every
+# train and eval iteration (as the tutorial's), the loss readings, the
+# non-finite-loss policy, Ctrl-C, and what happens at the end of an epoch.
+# ----------------------------------------------------------------------------
+
+def new_state():
+    return {"epoch": 0, "step": 0, "global_step": 0, "batches": None,
+            "loss_sum": 0.0, "loss_steps": 0, "interval_sum": 0.0, "interval_steps": 0,
+            "train_samples": 0, "train_seconds": 0.0, "skipped_steps": 0,
+            "metrics": [], "loss_curve": []}
 
 
-def samples_in(batch):
-    """Reviews in a batch: one per row, or per filled slot of packed rows."""
-    return int((batch["labels"] != -100).sum())
+class Run:
+    """One fine-tuning run's bookkeeping, the same for the IPU and the CUDA/CPU flow."""
+
+    def __init__(self, args, out_dir, ranks, data, padding, model, say):
+        self.args, self.out_dir, self.ranks, self.data = args, out_dir, ranks, data
+        self.padding, self.model, self.say = padding, model, say
+        self.state = new_state()
+        self.saving = None  # (model, optimizer) when this flow checkpoints
+        self.mid_epoch = False  # whether the host has the current weights mid-epoch
+        self.bar = self.stop = None
+        self.last = time.perf_counter()
+        self.warmup_seconds = 0.0  # capturing CUDA graphs, before the first epoch
+
+    def say_stage_plan(self, model, plan, how):
+        self.say(f"pipeline stage plan ({self.args.stages} stages, {how})")
+        self.say(stage_table(model, plan))
+
+    def save_checkpoints_of(self, model, optimizer, mid_epoch):
+        """What checkpoints hold from now on; mid_epoch: the host has the current weights
+        between epochs too, so --save-every and a stop request can save them."""
+        self.saving, self.mid_epoch = (model, optimizer), mid_epoch
+
+    def resume_if_asked(self):
+        """--resume: the newest checkpoint into the model, the optimizer and this run."""
+        if self.args.resume:
+            self.state, path = load_checkpoint(self.out_dir, *self.saving,
+                                               on_ipu=self.args.device == "ipu", say=self.say)
+            self.say(f"resumed from {path} (epoch {self.state['epoch'] + 1}, "
+                     f"step {self.state['step']})")
+
+    def save(self):
+        if self.ranks.is_main:
+            save_checkpoint(self.out_dir, *self.saving, self.state, self.args.keep)
+            drop_overwritten(self.out_dir)
+        if self.ranks.enabled:
+            dist.barrier()
+        return list_checkpoints(self.out_dir)[-1]
+
+    def start(self, iterations_per_epoch, steps_per_epoch, step_rows, accumulation, device,
+              extra=None):
+        """Print what is about to run (as HF's Trainer does), then open the progress bar."""
+        args, data = self.args, self.data
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        if data.packing:
+            step_samples = (f"{len(data.train) / steps_per_epoch:.1f} on average, in "
+                            f"{step_rows} rows of up to {args.max_per_row}")
+            padding = {"padding": f"packed, up to {args.max_per_row} texts per row of "
+                                  f"{args.max_length} tokens",
+                       "packing efficiency": f"{data.efficiency():.1%} of row tokens are "
+                       f"text ({data.efficiency(packed=False):.1%} padded to max_length)"}
+        else:
+            step_samples = step_rows
+            padding = {"padding": f"{self.padding}, at most {args.max_length} tokens"}
+        rows = {"device": device,
+                "train examples": f"{len(data.train):,}",
+                "eval examples": f"{len(data.eval):,}",
+                "epochs": args.epochs,
+                "micro-batch": f"{args.batch_size} {data.unit}",
+                "gradient accumulation": f"{accumulation} micro-batches per optimizer step",
+                **(extra or {}),
+                "samples per optimizer step": step_samples,
+                "optimizer steps per epoch": steps_per_epoch,
+                "optimizer steps in total": steps_per_epoch * args.epochs,
+                **padding,
+                "trainable parameters": f"{trainable:,}",
+                "output directory": self.out_dir}
+        width = max(map(len, rows))
+        self.say("\n".join(["Fine-tuning:"] + [f"  {k:<{width}}  {v}" for k, v in rows.items()]))
+        self.bar = tqdm(total=args.epochs * iterations_per_epoch,
+                        initial=self.state["epoch"] * iterations_per_epoch + self.state["step"],
+                        desc=f"{args.device} training", unit="it", disable=not self.ranks.is_main)
+        self.stop = StopRequest()
+
+    def epochs(self):
+        for epoch in range(self.state["epoch"], self.args.epochs):
+            self.epoch_start = self.last = time.perf_counter()
+            yield epoch
+
+    def reading_due(self, pending):
+        """Whether the steps run since the last reading must be read now: a loss reading
+        or a checkpoint is due, or (one process) Ctrl-C was pressed."""
+        step, args = self.state["global_step"] + pending, self.args
+        return (step % args.log_every == 0 or bool(args.save_every and step % args.save_every == 0)
+                or (not self.ranks.enabled and self.stop.signal is not None))
+
+    def non_finite_loss(self, value, updates_applied=False):
+        """Stop (saving the last good weights where the host has them) or skip the step."""
+        where = f"epoch {self.state['epoch'] + 1}, step {self.state['step'] + 1}"
+        if self.args.on_nan == "skip" and not updates_applied:
+            if self.ranks.is_main:
+                tqdm.write(f"warning: loss {value} at {where}: step skipped")
+            self.state["skipped_steps"] += 1
+            return None
+        if updates_applied:  # an IPU applied the step already: the weights are not good
+            last = list_checkpoints(self.out_dir)
+            raise FinetuneError(f"the loss became {value} at {where} (the IPU had already applied "
+                                f"that step); last checkpoint: {last[-1] if last else 'none'}. "
+                                "Lower --lr")
+        saved = f"; kept the last good weights in {self.save()}" if self.mid_epoch else ""
+        raise FinetuneError(f"the loss became {value} at {where}{saved}. "
+                            "Lower --lr, or pass --on-nan skip")
+
+    def steps_done(self, losses, samples, updates_applied=False, iterations=1):
+        """Count optimizer steps, each with its loss, over `iterations` bar iterations.
+
+        A non-finite loss stops the run, or counts as a skipped step (its update was
+        skipped where it ran); `updates_applied`: an IPU had applied it already."""
+        state, args = self.state, self.args
+        now = time.perf_counter()  # the steps and the loading of their batch
+        state["train_seconds"] += now - self.last
+        self.last = now
+        state["train_samples"] += samples
+        for loss in losses:
+            if not math.isfinite(loss):
+                loss = self.non_finite_loss(loss, updates_applied)
+            state["step"] += 1
+            state["global_step"] += 1
+            if loss is not None:
+                state["loss_sum"] += loss
+                state["loss_steps"] += 1
+                state["interval_sum"] += loss
+                state["interval_steps"] += 1
+            if state["global_step"] % args.log_every == 0 and state["interval_steps"]:
+                mean = state["interval_sum"] / state["interval_steps"]
+                state["loss_curve"].append([state["global_step"], mean])
+                state["interval_sum"], state["interval_steps"] = 0.0, 0
+                rate = state["train_samples"] / state["train_seconds"]
+                self.bar.set_postfix(loss=f"{mean:.4f}", samples_per_s=f"{rate:.1f}")
+            if self.mid_epoch and args.save_every and state["global_step"] % args.save_every == 0:
+                self.save()
+                self.last = time.perf_counter()
+        self.bar.update(iterations)
+        if self.stop.requested(self.ranks):
+            raise Interrupted(self.stop.signal or "another rank's signal")
+
+    def end_epoch(self, accuracy, eval_seconds):
+        state = self.state
+        state["metrics"].append({
+            "epoch": state["epoch"] + 1,
+            "train_loss": state["loss_sum"] / max(state["loss_steps"], 1),
+            "accuracy": accuracy,
+            "train_samples_per_s": state["train_samples"] / state["train_seconds"],
+            "eval_samples_per_s": len(self.data.eval) / eval_seconds,
+            "samples_per_step": state["train_samples"] / max(state["step"], 1),
+            **({"packing_efficiency": self.data.efficiency()}
+               if self.data.packing else {}),
+            "seconds": time.perf_counter() - self.epoch_start,
+            "skipped_steps": state["skipped_steps"],
+            "warmup_seconds": self.warmup_seconds,
+            **({"peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+               if self.args.device == "cuda" else {}),
+        })
+        self.warmup_seconds = 0.0  # counted in this epoch's time only
+        state.update(epoch=state["epoch"] + 1, step=0, batches=None, loss_sum=0.0, loss_steps=0,
+                     train_samples=0, train_seconds=0.0, skipped_steps=0)
+        if self.ranks.is_main:
+            with writing(f"the results in {self.out_dir}"):
+                write_results(self.out_dir, state)
+        if self.saving:
+            self.save()
+
+    def interrupted(self, why):
+        path = self.save() if self.mid_epoch else (list_checkpoints(self.out_dir) or ["none"])[-1]
+        self.close()
+        self.say(f"\nstopped by {why} at epoch {self.state['epoch'] + 1}, step "
+                 f"{self.state['step']}; checkpoint: {path}\n"
+                 f"resume with: python {sys.argv[0]} --resume {self.out_dir}")
+        raise SystemExit(130) from None
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        if self.stop is not None:
+            self.stop.restore()
+            self.stop = None
 
 
-def review_predictions(predicted, reviews, n):
-    """Each review's prediction, from predictions per row (or per slot) and the review
-    each one is (-1: an empty slot). Padding repeats reviews: each must be predicted."""
-    out = np.full(n, -1, dtype=np.int64)
-    filled = reviews >= 0
-    out[reviews[filled]] = predicted[filled]
-    if (out < 0).any():
-        raise RuntimeError(f"{(out < 0).sum()} eval samples got no prediction")
-    return out
+class StopRequest:
+    """Ctrl-C or SIGTERM: finish the current step, save, and exit cleanly.
+
+    A second Ctrl-C interrupts at once.
+    """
+
+    def __init__(self):
+        self.signal = None
+        self.previous = {sig: signal.signal(sig, self.handle)
+                         for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def requested(self, ranks):
+        """Whether to stop now; under torchrun all ranks agree, so they stop at one step."""
+        if not ranks.enabled:
+            return self.signal is not None
+        flag = torch.tensor([self.signal is not None], dtype=torch.int32, device=ranks.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def stage_table(model, plan):
+    rows = []
+    for stage in sorted({s for _, s in plan}):
+        names = [n for n, s in plan if s == stage]
+        params = sum(p.numel() for n in names for p in model.get_submodule(n).parameters())
+        rows.append((stage, compact_names(names), params))
+    width = max(len(r[1]) for r in rows)
+    lines = [f"{'stage':>5}  {'modules':<{width}}  {'parameters':>10}"]
+    lines += [f"{s:>5}  {m:<{width}}  {p:>10,}" for s, m, p in rows]
+    return "\n".join(lines)
+
+
+def compact_names(names):
+    """'a.layer.0', 'a.layer.1', 'a.layer.2' -> 'a.layer.0-2'."""
+    out, run = [], []
+    for name in names + [None]:
+        prefix, _, last = name.rpartition(".") if name else ("", "", "")
+        if run and (not last.isdigit() or prefix != run[0][0] or int(last) != run[-1][1] + 1):
+            out.append(f"{run[0][0]}.{run[0][1]}" + (f"-{run[-1][1]}" if len(run) > 1 else ""))
+            run = []
+        if name is None:
+            break
+        if last.isdigit():
+            run.append((prefix, int(last)))
+        else:
+            out.append(name)
+    return ", ".join(out)
 
 
 # ----------------------------------------------------------------------------
-# 8. The same recipe on CUDA or CPU, in one process or many (torchrun).
+# 13. Checkpoints: atomic, safetensors + JSON, never a pickle.
+#
+# Each checkpoint is written into a hidden temporary directory, flushed to
+# disk, and renamed into place: a kill mid-write leaves the previous one whole.
+# ----------------------------------------------------------------------------
+
+CHECKSUMS = "checksums.json"
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(folder):
+    """A SHA-256 of each file, so that damage after writing (a copy cut short, a bad
+    disk) is found when the folder is read again."""
+    sums = {f.name: sha256_of(f) for f in sorted(folder.iterdir()) if f.name != CHECKSUMS}
+    (folder / CHECKSUMS).write_text(json.dumps(sums, indent=1))
+
+
+def damaged_files(folder):
+    """Files missing or changed since write_checksums(); none known without a checksums.json."""
+    if not (folder / CHECKSUMS).exists():
+        return []
+    try:
+        sums = read_json(folder / CHECKSUMS)
+    except FinetuneError:
+        sums = None
+    if not isinstance(sums, dict):  # the checksums themselves are damaged
+        return [CHECKSUMS]
+    return [name for name, digest in sums.items()
+            if not (folder / name).is_file() or sha256_of(folder / name) != digest]
+
+
+@contextlib.contextmanager
+def writing(what):
+    """A full disk or an unwritable folder while writing: one line, not a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        raise FinetuneError(f"could not write {what} ({exc.strerror or exc})") from None
+
+
+# PopTorch's AdamW keeps the Adam moments in these parts of its state_dict(), as
+# tensors named by the IPU graph; torch's `state` stays empty (poptorch/optim.py).
+IPU_OPTIMIZER_PARTS = ("ipu_state", "ipu_param")
+
+
+def fsync_path(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state():
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    np_state = np.random.get_state()
+    return tensors, {"python": random.getstate(),
+                     "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+
+
+def set_rng_state(tensors, saved):
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = saved["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, *rest = saved["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+
+
+def checkpoint_name(state):
+    """step-N mid-epoch, step-N-end after an epoch: names sort in the order they were taken."""
+    return f"step-{state['global_step']:08d}" + ("" if state["step"] else "-end")
+
+
+def split_optimizer_state(opt_state):
+    """An optimizer's state_dict() as tensors (for safetensors) and the rest (for JSON)."""
+    tensors, rest = {}, {"param_groups": opt_state["param_groups"], "state": {}, "ipu_parts": []}
+    for pid, values in opt_state["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                rest["state"].setdefault(str(pid), {})[key] = value
+    for part in IPU_OPTIMIZER_PARTS:
+        if opt_state.get(part) is not None:
+            rest["ipu_parts"].append(part)
+            tensors.update({f"{part}/{name}": value.detach().cpu().contiguous()
+                            for name, value in opt_state[part].items()})
+    return tensors, rest
+
+
+def join_optimizer_state(tensors, rest):
+    opt_state = {"param_groups": rest["param_groups"], "state": {}}
+    opt_state.update({part: {} for part in rest.get("ipu_parts", [])})
+    for key, value in tensors.items():
+        part, _, name = key.partition("/")
+        if part in IPU_OPTIMIZER_PARTS:
+            opt_state[part][name] = value
+        elif not key.startswith("rng."):
+            pid, name = key.split(".", 1)
+            opt_state["state"].setdefault(int(pid), {})[name] = value
+    for pid, values in rest["state"].items():
+        opt_state["state"].setdefault(int(pid), {}).update(values)
+    return opt_state
+
+
+def save_checkpoint(out_dir, model, optimizer, state, keep):
+    root = out_dir / "checkpoints"
+    final = root / checkpoint_name(state)
+    if final.exists():  # this very state is saved already (Ctrl-C right after a checkpoint)
+        if not damaged_files(final):
+            return final
+        shutil.rmtree(final)  # the damaged copy a resumed run fell back from
+    tmp = root / f".{final.name}.tmp"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write_checkpoint_files(tmp, model, optimizer, state)
+        os.rename(tmp, final)
+        fsync_path(root)
+    except OSError as exc:  # a full disk: the previous checkpoint stays the newest, intact
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = list_checkpoints(out_dir)
+        kept = f"the newest intact one is {previous[-1]}" if previous else "no earlier one"
+        raise FinetuneError(f"could not write checkpoint {final} ({exc.strerror or exc}); "
+                            f"{kept}") from None
+    for old in list_checkpoints(out_dir)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def write_checkpoint_files(folder, model, optimizer, state):
+    opt_tensors, opt_json = split_optimizer_state(optimizer.state_dict())
+    rng_tensors, rng_json = rng_state()
+    save_file({k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+              folder / "model.safetensors")
+    save_file({**opt_tensors, **rng_tensors}, folder / "optimizer.safetensors")
+    (folder / "state.json").write_text(json.dumps({**state, "optimizer": opt_json,
+                                                   "rng": rng_json}))
+    write_checksums(folder)
+    for f in folder.iterdir():
+        fsync_path(f)
+    fsync_path(folder)
+
+
+def list_checkpoints(out_dir):
+    """Complete checkpoints, oldest first (temporary directories are hidden)."""
+    root = Path(out_dir) / "checkpoints"
+    return sorted(root.glob("step-*")) if root.is_dir() else []
+
+
+class DamagedCheckpoint(Exception):
+    pass
+
+
+def load_checkpoint(out_dir, model, optimizer, on_ipu=False, say=print):
+    """Restore the newest intact checkpoint into model and optimizer; return the run state.
+
+    A damaged checkpoint (its checksums, or files that do not read) is reported in
+    one line and the one before it is tried: that is what --keep is for.
+    """
+    checkpoints = list_checkpoints(out_dir)
+    if not checkpoints:
+        raise FinetuneError(f"no checkpoint in {out_dir}/checkpoints: nothing to resume")
+    problems = []
+    for path in reversed(checkpoints):
+        try:
+            return restore_checkpoint(path, model, optimizer, on_ipu), path
+        except DamagedCheckpoint as why:
+            say(f"warning: checkpoint {path} is damaged ({why}); trying the one before it")
+            problems.append(f"{path.name}: {why}")
+    raise FinetuneError(f"no intact checkpoint in {out_dir}/checkpoints ({'; '.join(problems)})")
+
+
+def read_checkpoint(path):
+    """Everything a checkpoint holds, checked before anything is restored from it."""
+    damaged = damaged_files(path)
+    if damaged:
+        raise DamagedCheckpoint(f"{damaged[0]}: its checksum is not the one written with it")
+    try:
+        state = read_json(path / "state.json")
+        return (state, load_file(path / "model.safetensors"),
+                load_file(path / "optimizer.safetensors"))
+    except FinetuneError as exc:
+        raise DamagedCheckpoint(str(exc)) from None
+    except Exception as exc:  # safetensors: truncated or unreadable
+        raise DamagedCheckpoint(first_line(exc)) from None
+
+
+def restore_checkpoint(path, model, optimizer, on_ipu):
+    state, weights, tensors = read_checkpoint(path)
+    expected = model.state_dict()
+    if set(weights) != set(expected) or any(weights[k].shape != expected[k].shape for k in weights):
+        raise FinetuneError(f"{path} was saved from another model architecture than --model")
+    opt_json = state.pop("optimizer")
+    written_on_ipu = bool(opt_json.get("ipu_parts"))
+    if written_on_ipu != on_ipu:  # the Adam moments are kept in another form on each
+        raise FinetuneError(f"{path} was written on {'an IPU' if written_on_ipu else 'CUDA/CPU'}: "
+                            f"resume it with --device {'ipu' if written_on_ipu else 'cpu or cuda'}")
+    model.load_state_dict(weights)
+    optimizer.load_state_dict(join_optimizer_state(tensors, opt_json))
+    set_rng_state(tensors, state.pop("rng"))
+    return state
+
+
+def resolve_resume_dir(value):
+    if value == "auto":
+        runs = sorted((d for d in Path("runs").glob("*") if list_checkpoints(d)),
+                      key=lambda d: list_checkpoints(d)[-1].stat().st_mtime)
+        if not runs:
+            raise FinetuneError("--resume auto: no run with a checkpoint under runs/")
+        value = runs[-1]
+    path = Path(value)
+    if not (path / "args.json").is_file() or not list_checkpoints(path):
+        raise FinetuneError(f"--resume {path}: no checkpoint there (expected args.json "
+                            "and checkpoints/step-*)")
+    return path
+
+
+# ----------------------------------------------------------------------------
+# 14. Results: metrics per epoch, the loss/accuracy plot, the final model.
+# ----------------------------------------------------------------------------
+
+def write_results(out_dir, state):
+    with open(out_dir / "metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(m) + "\n" for m in state["metrics"])
+    (out_dir / "loss_curve.json").write_text(json.dumps(state["loss_curve"]))
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    if state["loss_curve"]:
+        steps, losses = zip(*state["loss_curve"])
+        loss_ax.plot(steps, losses)
+    loss_ax.set(xlabel="optimizer step", ylabel="train loss", title="Training loss")
+    epochs = [m["epoch"] for m in state["metrics"]]
+    acc_ax.plot(epochs, [m["accuracy"] for m in state["metrics"]], marker="o")
+    acc_ax.set_xticks(epochs)
+    acc_ax.set(xlabel="epoch", ylabel="accuracy", title="Validation accuracy")
+    fig.tight_layout()
+    fig.savefig(out_dir / "curves.png")
+    plt.close(fig)
+
+
+def save_model(out_dir, model, tokenizer):
+    """The fine-tuned model for from_pretrained, with the checksums --predict checks."""
+    with writing(f"the model to {out_dir / 'model'}"):
+        model.save_pretrained(out_dir / "model")
+        tokenizer.save_pretrained(out_dir / "model")
+        write_checksums(out_dir / "model")
+    drop_overwritten(out_dir)
+
+
+# ----------------------------------------------------------------------------
+# 15. The same recipe on CUDA or CPU, in one process or many (torchrun).
 #
 # Nothing here forces static shapes, so by default each batch is padded only to
 # its longest review, and reviews of similar length are batched together. The
@@ -1172,6 +2010,65 @@ def review_predictions(predicted, reviews, n):
 # ----------------------------------------------------------------------------
 
 BUCKET = 64  # --padding buckets: batch lengths are multiples of this (8 shapes at 512)
+
+
+def finetune_with_torch(args, device, model, plan, data, ranks, run):
+    """The tutorial's recipe with plain PyTorch: one process, DDP, or pipeline stages."""
+    pipelined = ranks.stages > 1
+    accumulation = gradient_accumulation(args, ranks.stages)
+    step_batch = args.batch_size * accumulation  # one replica's share of an optimizer step
+    step_size = step_batch * ranks.replicas
+    require_train_samples(data, step_size, "one optimizer step's batch")
+    train_set = data.train_dataset(step_size, accumulation * ranks.replicas, multiple=step_size)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    classifier = data.classifier(model)  # packed rows: section 11
+    if pipelined:
+        run.say_stage_plan(model, plan, f"one stage per rank, {ranks.replicas} replica(s)")
+        train_step, eval_step, optimizer, stage = pipeline_steps(
+            classifier, plan, args, ranks, device, accumulation)
+    else:
+        train_step, eval_step, optimizer = data_parallel_steps(classifier, args, device, ranks,
+                                                               accumulation)
+        run.save_checkpoints_of(model, optimizer, mid_epoch=True)
+        run.resume_if_asked()
+    loading = dict(pad_id=data.pad_id, multiple=BUCKET if run.padding == "buckets" else 1,
+                   pin_memory=device.type == "cuda")
+    eval_loader, eval_order = eval_data(data, args, pipelined, ranks, loading)
+    steps = StepGraphs(train_step, eval_step)
+    if use_cuda_graphs(args, device, ranks, run.padding):
+        capture_steps(steps, run, train_set, step_size, eval_loader, loading, device)
+    run.warmup_seconds = steps.seconds
+    run.state["train_seconds"] += steps.seconds  # the warm-up counts in the reported speed
+    steps_per_epoch = len(train_set) // step_size
+    if ranks.enabled:
+        run.say(f"torchrun: {ranks.world} ranks = {ranks.replicas} replica(s) x {ranks.stages} "
+                f"stage(s); {step_size} {data.unit} per optimizer step")
+    run.start(iterations_per_epoch=steps_per_epoch + len(eval_loader),
+              steps_per_epoch=steps_per_epoch, step_rows=step_size,
+              accumulation=accumulation, device=describe_device(device, ranks),
+              extra={"precision": describe_precision(args, device),
+                     "train and eval steps": describe_steps(steps, args, device, ranks)})
+    group_by_length = args.group_by_length == "yes" or (
+        args.group_by_length == "auto" and run.padding in ("dynamic", "buckets"))
+    share = slice(ranks.replica * step_batch, (ranks.replica + 1) * step_batch)
+    for epoch in run.epochs():
+        data.pack_epoch(epoch)
+        if run.state["batches"] is None:  # every replica's batches, kept in the checkpoint
+            run.state["batches"] = data.train_batches(step_size, args.seed, epoch, group_by_length)
+        todo = run.state["batches"][run.state["step"]:]
+        loader = torch_loader(train_set, [b[share] for b in todo], **loading)
+        train_epoch(lambda batch: steps.run("train", to_device(batch, device)), loader, todo,
+                    data, run)
+        start = time.perf_counter()
+        accuracy = evaluate(lambda batch: steps.run("eval", to_device(batch, device)),
+                            eval_loader, eval_order, data.eval_labels, run.bar, ranks)
+        if ranks.is_main:
+            tqdm.write(f"Accuracy: {accuracy:.3f}")
+        run.end_epoch(accuracy, time.perf_counter() - start)
+    if pipelined:  # each stage trained its own weights: bring them into rank 0's model
+        gather_pipeline_weights(model, stage, ranks)
 
 
 def train_batches(lengths, batch_size, seed, epoch, group_by_length):
@@ -1409,64 +2306,6 @@ def data_parallel_steps(model, args, device, ranks, accumulation):
     return train_step, eval_step, optimizer
 
 
-def finetune_with_torch(args, device, model, plan, data, ranks, run):
-    """The tutorial's recipe with plain PyTorch: one process, DDP, or pipeline stages."""
-    pipelined = ranks.stages > 1
-    accumulation = gradient_accumulation(args, ranks.stages)
-    step_batch = args.batch_size * accumulation  # one replica's share of an optimizer step
-    step_size = step_batch * ranks.replicas
-    require_train_samples(data, step_size, "one optimizer step's batch")
-    train_set = data.use_train_rows(step_size, accumulation * ranks.replicas, multiple=step_size)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    classifier = data.classifier(model)  # packed rows: section 7
-    if pipelined:
-        run.say_stage_plan(model, plan, f"one stage per rank, {ranks.replicas} replica(s)")
-        train_step, eval_step, optimizer, stage = pipeline_steps(
-            classifier, plan, args, ranks, device, accumulation)
-    else:
-        train_step, eval_step, optimizer = data_parallel_steps(classifier, args, device, ranks,
-                                                               accumulation)
-        run.checkpoint(model, optimizer, mid_epoch=True)
-    loading = dict(pad_id=data.pad_id, multiple=BUCKET if run.padding == "buckets" else 1,
-                   pin_memory=device.type == "cuda")
-    eval_loader, eval_order = eval_data(data, args, pipelined, ranks, loading)
-    steps = StepGraphs(train_step, eval_step)
-    if use_cuda_graphs(args, device, ranks, run.padding):
-        capture_steps(steps, run, train_set, step_size, eval_loader, loading, device)
-    run.warmup_seconds = steps.seconds
-    run.state["train_seconds"] += steps.seconds  # the warm-up counts in the reported speed
-    steps_per_epoch = len(train_set) // step_size
-    if ranks.enabled:
-        run.say(f"torchrun: {ranks.world} ranks = {ranks.replicas} replica(s) x {ranks.stages} "
-                f"stage(s); {step_size} {data.unit} per optimizer step")
-    run.start(iterations_per_epoch=steps_per_epoch + len(eval_loader),
-              steps_per_epoch=steps_per_epoch, step_rows=step_size,
-              accumulation=accumulation, device=describe_device(device, ranks),
-              extra={"precision": describe_precision(args, device),
-                     "train and eval steps": describe_steps(steps, args, device, ranks)})
-    group_by_length = args.group_by_length == "yes" or (
-        args.group_by_length == "auto" and run.padding in ("dynamic", "buckets"))
-    share = slice(ranks.replica * step_batch, (ranks.replica + 1) * step_batch)
-    for epoch in run.epochs():
-        data.new_epoch(epoch)
-        if run.state["batches"] is None:  # every replica's batches, kept in the checkpoint
-            run.state["batches"] = data.train_batches(step_size, args.seed, epoch, group_by_length)
-        todo = run.state["batches"][run.state["step"]:]
-        loader = torch_loader(train_set, [b[share] for b in todo], **loading)
-        train_epoch(lambda batch: steps.run("train", to_device(batch, device)), loader, todo,
-                    data, run)
-        start = time.perf_counter()
-        accuracy = evaluate(lambda batch: steps.run("eval", to_device(batch, device)),
-                            eval_loader, eval_order, data.eval_labels, run.bar, ranks)
-        if ranks.is_main:
-            tqdm.write(f"Accuracy: {accuracy:.3f}")
-        run.end_epoch(accuracy, time.perf_counter() - start)
-    if pipelined:  # each stage trained its own weights: bring them into rank 0's model
-        gather_pipeline_weights(model, stage, ranks)
-
-
 def train_epoch(train_step, loader, todo, data, run):
     """The epoch's remaining optimizer steps.
 
@@ -1544,7 +2383,7 @@ def eval_data(data, args, pipelined, ranks, loading):
     if pipelined or data.packing:
         size = args.batch_size * args.device_iterations if pipelined else (
             args.eval_batch_size or args.batch_size * args.device_iterations)
-        eval_set, reviews = data.eval_rows(size)
+        eval_set, reviews = data.eval_dataset(size)
         batches = batches_in_order(len(eval_set), size)
     else:
         eval_set, reviews = data.eval, np.arange(len(data.eval))
@@ -1563,7 +2402,7 @@ def describe_device(device, ranks):
 
 
 # ----------------------------------------------------------------------------
-# 9. More devices with torchrun: pipeline stages and replicas on GPUs or CPUs.
+# 16. More devices with torchrun: pipeline stages and replicas on GPUs or CPUs.
 #
 # Under `torchrun --nproc-per-node N finetune_electra.py --stages S` every
 # process is one rank, switched on by torchrun's environment as in nanoGPT.
@@ -1578,59 +2417,6 @@ def describe_device(device, ranks):
 # With S = 1 this is plain DistributedDataParallel.
 # ----------------------------------------------------------------------------
 
-class Ranks:
-    """Where this process sits: its rank, pipeline stage and replica."""
-
-    def __init__(self, rank=0, world=1, stages=1):
-        self.enabled = world > 1 or "RANK" in os.environ
-        self.rank, self.world, self.stages = rank, world, stages
-        self.replicas = world // stages
-        self.stage, self.replica = rank % stages, rank // stages
-        self.is_main = rank == 0
-        self.pp_group = self.dp_group = None
-        self.device = torch.device("cpu")  # where collectives' tensors live
-
-
-def has_pipelining():
-    """torch.distributed.pipelining came with torch 2.4; the IPU host's torch 2.0.1 lacks it."""
-    try:
-        import torch.distributed.pipelining  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def setup_distributed(args, device):
-    if "RANK" not in os.environ:
-        return Ranks()
-    world = int(os.environ["WORLD_SIZE"])
-    if device == "ipu":
-        raise FinetuneError("torchrun is for CUDA and CPU; on IPUs, PopTorch replicates the model")
-    if world % args.stages:
-        raise FinetuneError(f"{world} processes cannot hold whole {args.stages}-stage pipelines: "
-                            f"use --stages 1 (data parallel only) or a divisor of {world}")
-    if args.stages > 1 and not has_pipelining():
-        raise FinetuneError(f"torchrun with --stages {args.stages} needs torch.distributed."
-                            "pipelining, in torch 2.4 or newer (this is torch "
-                            f"{torch.__version__}): use --stages 1 (data parallel) or a newer torch")
-    if args.stages > 1 and (args.resume or args.save_every):
-        raise FinetuneError(f"--{'resume' if args.resume else 'save-every'} works for "
-                            "single-process and data-parallel runs; torchrun pipeline runs "
-                            "write no checkpoints")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    ranks = Ranks(dist.get_rank(), world, args.stages)
-    ranks.device = device
-    for replica in range(ranks.replicas):  # every rank creates every group, in order
-        group = dist.new_group(list(range(replica * args.stages, (replica + 1) * args.stages)))
-        ranks.pp_group = group if replica == ranks.replica else ranks.pp_group
-    for stage in range(args.stages):
-        group = dist.new_group(list(range(stage, world, args.stages)))
-        ranks.dp_group = group if stage == ranks.stage else ranks.dp_group
-    return ranks
-
-
 def mean_over_replicas(value, ranks):
     """A loss as the whole optimizer step saw it: averaged over the replicas."""
     if ranks.replicas > 1:
@@ -1638,16 +2424,6 @@ def mean_over_replicas(value, ranks):
         dist.all_reduce(value, group=ranks.dp_group)
         value /= ranks.replicas
     return value
-
-
-@contextlib.contextmanager
-def main_process_first(ranks):
-    """Rank 0 tokenizes first and fills the datasets cache; the others read it."""
-    if ranks.enabled and not ranks.is_main:
-        dist.barrier()
-    yield
-    if ranks.enabled and ranks.is_main:
-        dist.barrier()
 
 
 class LogitsOnly(torch.nn.Module):
@@ -1751,6 +2527,7 @@ def pipeline_steps(classifier, plan, args, ranks, device, accumulation):
 def gather_pipeline_weights(model, stage, ranks):
     """Each stage trained its own weights: bring them all into rank 0's model."""
     stage_module, prefix = stage
+
     def model_name(name):  # without the prefix (str.removeprefix is Python 3.9+)
         return name[len(prefix):] if name.startswith(prefix) else name
 
@@ -1766,486 +2543,20 @@ def gather_pipeline_weights(model, stage, ranks):
 
 
 # ----------------------------------------------------------------------------
-# 10. Progress, losses and stop requests: what every flow shares.
-#
-# A Run holds the state a checkpoint needs to continue (epoch, step, the
-# epoch's batch order, running sums, metrics), the one progress bar over every
-# train and eval iteration (as the tutorial's), the loss readings, the
-# non-finite-loss policy, Ctrl-C, and what happens at the end of an epoch.
+# 17. Prediction with a fine-tuned model.
 # ----------------------------------------------------------------------------
 
-class Interrupted(Exception):
-    pass
+def predict_texts(args):
+    """--predict: each text's label and its probability, a line each."""
+    from_file = read_lines(args.predict_file) if args.predict_file else []
+    if args.predict_file and not from_file:
+        raise FinetuneError(f"--predict-file {args.predict_file} holds no text")
+    texts = args.texts + from_file
+    results = predict(args.predict, texts, args.max_length)
+    for text, (label, prob) in zip(texts, results):
+        print(f"{label}\t{prob:.3f}\t{text}")
+    return results
 
-
-class StopRequest:
-    """Ctrl-C or SIGTERM: finish the current step, save, and exit cleanly.
-
-    A second Ctrl-C interrupts at once.
-    """
-
-    def __init__(self):
-        self.signal = None
-        self.previous = {sig: signal.signal(sig, self.handle)
-                         for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def handle(self, signum, frame):
-        if self.signal is not None:
-            raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
-
-    def requested(self, ranks):
-        """Whether to stop now; under torchrun all ranks agree, so they stop at one step."""
-        if not ranks.enabled:
-            return self.signal is not None
-        flag = torch.tensor([self.signal is not None], dtype=torch.int32, device=ranks.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag)
-
-
-def new_state():
-    return {"epoch": 0, "step": 0, "global_step": 0, "batches": None,
-            "loss_sum": 0.0, "loss_steps": 0, "interval_sum": 0.0, "interval_steps": 0,
-            "train_samples": 0, "train_seconds": 0.0, "skipped_steps": 0,
-            "metrics": [], "loss_curve": []}
-
-
-class Run:
-    """One fine-tuning run's bookkeeping, the same for the IPU and the CUDA/CPU flow."""
-
-    def __init__(self, args, out_dir, ranks, data, padding, model, say):
-        self.args, self.out_dir, self.ranks, self.data = args, out_dir, ranks, data
-        self.padding, self.model, self.say = padding, model, say
-        self.state = new_state()
-        self.saving = None  # (model, optimizer) when this flow checkpoints
-        self.mid_epoch = False  # whether the host has the current weights mid-epoch
-        self.bar = self.stop = None
-        self.last = time.perf_counter()
-        self.warmup_seconds = 0.0  # capturing CUDA graphs, before the first epoch
-
-    def say_stage_plan(self, model, plan, how):
-        self.say(f"pipeline stage plan ({self.args.stages} stages, {how})")
-        self.say(stage_table(model, plan))
-
-    def checkpoint(self, model, optimizer, mid_epoch):
-        """Checkpoint these from now on; on --resume, restore them from the newest checkpoint."""
-        self.saving, self.mid_epoch = (model, optimizer), mid_epoch
-        if self.args.resume:
-            self.state, path = load_checkpoint(self.out_dir, model, optimizer,
-                                               on_ipu=self.args.device == "ipu", say=self.say)
-            self.say(f"resumed from {path} (epoch {self.state['epoch'] + 1}, "
-                     f"step {self.state['step']})")
-
-    def save(self):
-        if self.ranks.is_main:
-            save_checkpoint(self.out_dir, *self.saving, self.state, self.args.keep)
-            drop_overwritten(self.out_dir)
-        if self.ranks.enabled:
-            dist.barrier()
-        return list_checkpoints(self.out_dir)[-1]
-
-    def start(self, iterations_per_epoch, steps_per_epoch, step_rows, accumulation, device,
-              extra=None):
-        """Print what is about to run (as HF's Trainer does), then open the progress bar."""
-        args, data = self.args, self.data
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        if data.packing:
-            step_samples = (f"{len(data.train) / steps_per_epoch:.1f} on average, in "
-                            f"{step_rows} rows of up to {args.max_per_row}")
-            padding = {"padding": f"packed, up to {args.max_per_row} texts per row of "
-                                  f"{args.max_length} tokens",
-                       "packing efficiency": f"{data.efficiency():.1%} of row tokens are "
-                       f"text ({data.efficiency(packed=False):.1%} padded to max_length)"}
-        else:
-            step_samples = step_rows
-            padding = {"padding": f"{self.padding}, at most {args.max_length} tokens"}
-        rows = {"device": device,
-                "train examples": f"{len(data.train):,}",
-                "eval examples": f"{len(data.eval):,}",
-                "epochs": args.epochs,
-                "micro-batch": f"{args.batch_size} {data.unit}",
-                "gradient accumulation": f"{accumulation} micro-batches per optimizer step",
-                **(extra or {}),
-                "samples per optimizer step": step_samples,
-                "optimizer steps per epoch": steps_per_epoch,
-                "optimizer steps in total": steps_per_epoch * args.epochs,
-                **padding,
-                "trainable parameters": f"{trainable:,}",
-                "output directory": self.out_dir}
-        width = max(map(len, rows))
-        self.say("\n".join(["Fine-tuning:"] + [f"  {k:<{width}}  {v}" for k, v in rows.items()]))
-        self.bar = tqdm(total=args.epochs * iterations_per_epoch,
-                        initial=self.state["epoch"] * iterations_per_epoch + self.state["step"],
-                        desc=f"{args.device} training", unit="it", disable=not self.ranks.is_main)
-        self.stop = StopRequest()
-
-    def epochs(self):
-        for epoch in range(self.state["epoch"], self.args.epochs):
-            self.epoch_start = self.last = time.perf_counter()
-            yield epoch
-
-    def reading_due(self, pending):
-        """Whether the steps run since the last reading must be read now: a loss reading
-        or a checkpoint is due, or (one process) Ctrl-C was pressed."""
-        step, args = self.state["global_step"] + pending, self.args
-        return (step % args.log_every == 0 or bool(args.save_every and step % args.save_every == 0)
-                or (not self.ranks.enabled and self.stop.signal is not None))
-
-    def non_finite_loss(self, value, applied=False):
-        """Stop (saving the last good weights where the host has them) or skip the step."""
-        where = f"epoch {self.state['epoch'] + 1}, step {self.state['step'] + 1}"
-        if self.args.on_nan == "skip" and not applied:
-            if self.ranks.is_main:
-                tqdm.write(f"warning: loss {value} at {where}: step skipped")
-            self.state["skipped_steps"] += 1
-            return None
-        if applied:  # an IPU has already applied the step: the weights are not good
-            last = list_checkpoints(self.out_dir)
-            raise FinetuneError(f"the loss became {value} at {where} (the IPU had already applied "
-                                f"that step); last checkpoint: {last[-1] if last else 'none'}. "
-                                "Lower --lr")
-        saved = f"; kept the last good weights in {self.save()}" if self.mid_epoch else ""
-        raise FinetuneError(f"the loss became {value} at {where}{saved}. "
-                            "Lower --lr, or pass --on-nan skip")
-
-    def steps_done(self, losses, samples, applied=False, iterations=1):
-        """Count optimizer steps, each with its loss, over `iterations` bar iterations.
-
-        A non-finite loss stops the run, or counts as a skipped step (its update was
-        skipped where it ran); `applied`: an IPU had applied it already."""
-        state, args = self.state, self.args
-        now = time.perf_counter()  # the steps and the loading of their batch
-        state["train_seconds"] += now - self.last
-        self.last = now
-        state["train_samples"] += samples
-        for loss in losses:
-            if not math.isfinite(loss):
-                loss = self.non_finite_loss(loss, applied)
-            state["step"] += 1
-            state["global_step"] += 1
-            if loss is not None:
-                state["loss_sum"] += loss
-                state["loss_steps"] += 1
-                state["interval_sum"] += loss
-                state["interval_steps"] += 1
-            if state["global_step"] % args.log_every == 0 and state["interval_steps"]:
-                mean = state["interval_sum"] / state["interval_steps"]
-                state["loss_curve"].append([state["global_step"], mean])
-                state["interval_sum"], state["interval_steps"] = 0.0, 0
-                rate = state["train_samples"] / state["train_seconds"]
-                self.bar.set_postfix(loss=f"{mean:.4f}", samples_per_s=f"{rate:.1f}")
-            if self.mid_epoch and args.save_every and state["global_step"] % args.save_every == 0:
-                self.save()
-                self.last = time.perf_counter()
-        self.bar.update(iterations)
-        if self.stop.requested(self.ranks):
-            raise Interrupted(self.stop.signal or "another rank's signal")
-
-    def end_epoch(self, accuracy, eval_seconds):
-        state = self.state
-        state["metrics"].append({
-            "epoch": state["epoch"] + 1,
-            "train_loss": state["loss_sum"] / max(state["loss_steps"], 1),
-            "accuracy": accuracy,
-            "train_samples_per_s": state["train_samples"] / state["train_seconds"],
-            "eval_samples_per_s": len(self.data.eval) / eval_seconds,
-            "samples_per_step": state["train_samples"] / max(state["step"], 1),
-            **({"packing_efficiency": self.data.efficiency()}
-               if self.data.packing else {}),
-            "seconds": time.perf_counter() - self.epoch_start,
-            "skipped_steps": state["skipped_steps"],
-            "warmup_seconds": self.warmup_seconds,
-            **({"peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
-               if self.args.device == "cuda" else {}),
-        })
-        self.warmup_seconds = 0.0  # counted in this epoch's time only
-        state.update(epoch=state["epoch"] + 1, step=0, batches=None, loss_sum=0.0, loss_steps=0,
-                     train_samples=0, train_seconds=0.0, skipped_steps=0)
-        if self.ranks.is_main:
-            with writing(f"the results in {self.out_dir}"):
-                write_results(self.out_dir, state)
-        if self.saving:
-            self.save()
-
-    def interrupted(self, why):
-        path = self.save() if self.mid_epoch else (list_checkpoints(self.out_dir) or ["none"])[-1]
-        self.close()
-        self.say(f"\nstopped by {why} at epoch {self.state['epoch'] + 1}, step "
-                 f"{self.state['step']}; checkpoint: {path}\n"
-                 f"resume with: python {sys.argv[0]} --resume {self.out_dir}")
-        raise SystemExit(130) from None
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-        if self.stop is not None:
-            self.stop.restore()
-            self.stop = None
-
-
-# ----------------------------------------------------------------------------
-# 11. Checkpoints: atomic, safetensors + JSON, never a pickle.
-#
-# Each checkpoint is written into a hidden temporary directory, flushed to
-# disk, and renamed into place: a kill mid-write leaves the previous one whole.
-# ----------------------------------------------------------------------------
-
-CHECKSUMS = "checksums.json"
-
-
-def sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_checksums(folder):
-    """A SHA-256 of each file, so that damage after writing (a copy cut short, a bad
-    disk) is found when the folder is read again."""
-    sums = {f.name: sha256_of(f) for f in sorted(folder.iterdir()) if f.name != CHECKSUMS}
-    (folder / CHECKSUMS).write_text(json.dumps(sums, indent=1))
-
-
-def damaged_files(folder):
-    """Files missing or changed since write_checksums(); none known without a checksums.json."""
-    if not (folder / CHECKSUMS).exists():
-        return []
-    try:
-        sums = read_json(folder / CHECKSUMS)
-    except FinetuneError:
-        sums = None
-    if not isinstance(sums, dict):  # the checksums themselves are damaged
-        return [CHECKSUMS]
-    return [name for name, digest in sums.items()
-            if not (folder / name).is_file() or sha256_of(folder / name) != digest]
-
-
-@contextlib.contextmanager
-def writing(what):
-    """A full disk or an unwritable folder while writing: one line, not a traceback."""
-    try:
-        yield
-    except OSError as exc:
-        raise FinetuneError(f"could not write {what} ({exc.strerror or exc})") from None
-
-
-# PopTorch's AdamW keeps the Adam moments in these parts of its state_dict(), as
-# tensors named by the IPU graph; torch's `state` stays empty (poptorch/optim.py).
-IPU_OPTIMIZER_PARTS = ("ipu_state", "ipu_param")
-
-
-def fsync_path(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def rng_state():
-    tensors = {"rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    np_state = np.random.get_state()
-    return tensors, {"python": random.getstate(),
-                     "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
-
-
-def set_rng_state(tensors, saved):
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-    version, internal, gauss = saved["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, *rest = saved["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
-
-
-def checkpoint_name(state):
-    """step-N mid-epoch, step-N-end after an epoch: names sort in the order they were taken."""
-    return f"step-{state['global_step']:08d}" + ("" if state["step"] else "-end")
-
-
-def split_optimizer_state(opt_state):
-    """An optimizer's state_dict() as tensors (for safetensors) and the rest (for JSON)."""
-    tensors, rest = {}, {"param_groups": opt_state["param_groups"], "state": {}, "ipu_parts": []}
-    for pid, values in opt_state["state"].items():
-        for key, value in values.items():
-            if torch.is_tensor(value):
-                tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                rest["state"].setdefault(str(pid), {})[key] = value
-    for part in IPU_OPTIMIZER_PARTS:
-        if opt_state.get(part) is not None:
-            rest["ipu_parts"].append(part)
-            tensors.update({f"{part}/{name}": value.detach().cpu().contiguous()
-                            for name, value in opt_state[part].items()})
-    return tensors, rest
-
-
-def join_optimizer_state(tensors, rest):
-    opt_state = {"param_groups": rest["param_groups"], "state": {}}
-    opt_state.update({part: {} for part in rest.get("ipu_parts", [])})
-    for key, value in tensors.items():
-        part, _, name = key.partition("/")
-        if part in IPU_OPTIMIZER_PARTS:
-            opt_state[part][name] = value
-        elif not key.startswith("rng."):
-            pid, name = key.split(".", 1)
-            opt_state["state"].setdefault(int(pid), {})[name] = value
-    for pid, values in rest["state"].items():
-        opt_state["state"].setdefault(int(pid), {}).update(values)
-    return opt_state
-
-
-def save_checkpoint(out_dir, model, optimizer, state, keep):
-    root = out_dir / "checkpoints"
-    final = root / checkpoint_name(state)
-    if final.exists():  # this very state is saved already (Ctrl-C right after a checkpoint)
-        if not damaged_files(final):
-            return final
-        shutil.rmtree(final)  # the damaged copy a resumed run fell back from
-    tmp = root / f".{final.name}.tmp"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        write_checkpoint_files(tmp, model, optimizer, state)
-        os.rename(tmp, final)
-        fsync_path(root)
-    except OSError as exc:  # a full disk: the previous checkpoint stays the newest, intact
-        shutil.rmtree(tmp, ignore_errors=True)
-        previous = list_checkpoints(out_dir)
-        kept = f"the newest intact one is {previous[-1]}" if previous else "no earlier one"
-        raise FinetuneError(f"could not write checkpoint {final} ({exc.strerror or exc}); "
-                            f"{kept}") from None
-    for old in list_checkpoints(out_dir)[:-keep]:
-        shutil.rmtree(old)
-    return final
-
-
-def write_checkpoint_files(folder, model, optimizer, state):
-    opt_tensors, opt_json = split_optimizer_state(optimizer.state_dict())
-    rng_tensors, rng_json = rng_state()
-    save_file({k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-              folder / "model.safetensors")
-    save_file({**opt_tensors, **rng_tensors}, folder / "optimizer.safetensors")
-    (folder / "state.json").write_text(json.dumps({**state, "optimizer": opt_json,
-                                                   "rng": rng_json}))
-    write_checksums(folder)
-    for f in folder.iterdir():
-        fsync_path(f)
-    fsync_path(folder)
-
-
-def list_checkpoints(out_dir):
-    """Complete checkpoints, oldest first (temporary directories are hidden)."""
-    root = Path(out_dir) / "checkpoints"
-    return sorted(root.glob("step-*")) if root.is_dir() else []
-
-
-class DamagedCheckpoint(Exception):
-    pass
-
-
-def load_checkpoint(out_dir, model, optimizer, on_ipu=False, say=print):
-    """Restore the newest intact checkpoint into model and optimizer; return the run state.
-
-    A damaged checkpoint (its checksums, or files that do not read) is reported in
-    one line and the one before it is tried: that is what --keep is for.
-    """
-    checkpoints = list_checkpoints(out_dir)
-    if not checkpoints:
-        raise FinetuneError(f"no checkpoint in {out_dir}/checkpoints: nothing to resume")
-    problems = []
-    for path in reversed(checkpoints):
-        try:
-            return restore_checkpoint(path, model, optimizer, on_ipu), path
-        except DamagedCheckpoint as why:
-            say(f"warning: checkpoint {path} is damaged ({why}); trying the one before it")
-            problems.append(f"{path.name}: {why}")
-    raise FinetuneError(f"no intact checkpoint in {out_dir}/checkpoints ({'; '.join(problems)})")
-
-
-def read_checkpoint(path):
-    """Everything a checkpoint holds, checked before anything is restored from it."""
-    damaged = damaged_files(path)
-    if damaged:
-        raise DamagedCheckpoint(f"{damaged[0]}: its checksum is not the one written with it")
-    try:
-        state = read_json(path / "state.json")
-        return (state, load_file(path / "model.safetensors"),
-                load_file(path / "optimizer.safetensors"))
-    except FinetuneError as exc:
-        raise DamagedCheckpoint(str(exc)) from None
-    except Exception as exc:  # safetensors: truncated or unreadable
-        raise DamagedCheckpoint(first_line(exc)) from None
-
-
-def restore_checkpoint(path, model, optimizer, on_ipu):
-    state, weights, tensors = read_checkpoint(path)
-    expected = model.state_dict()
-    if set(weights) != set(expected) or any(weights[k].shape != expected[k].shape for k in weights):
-        raise FinetuneError(f"{path} was saved from another model architecture than --model")
-    opt_json = state.pop("optimizer")
-    written_on_ipu = bool(opt_json.get("ipu_parts"))
-    if written_on_ipu != on_ipu:  # the Adam moments are kept in another form on each
-        raise FinetuneError(f"{path} was written on {'an IPU' if written_on_ipu else 'CUDA/CPU'}: "
-                            f"resume it with --device {'ipu' if written_on_ipu else 'cpu or cuda'}")
-    model.load_state_dict(weights)
-    optimizer.load_state_dict(join_optimizer_state(tensors, opt_json))
-    set_rng_state(tensors, state.pop("rng"))
-    return state
-
-
-def resolve_resume_dir(value):
-    if value == "auto":
-        runs = sorted((d for d in Path("runs").glob("*") if list_checkpoints(d)),
-                      key=lambda d: list_checkpoints(d)[-1].stat().st_mtime)
-        if not runs:
-            raise FinetuneError("--resume auto: no run with a checkpoint under runs/")
-        value = runs[-1]
-    path = Path(value)
-    if not (path / "args.json").is_file() or not list_checkpoints(path):
-        raise FinetuneError(f"--resume {path}: no checkpoint there (expected args.json "
-                            "and checkpoints/step-*)")
-    return path
-
-
-# ----------------------------------------------------------------------------
-# 12. Results: metrics per epoch, the loss/accuracy plot, the final model.
-# ----------------------------------------------------------------------------
-
-def write_results(out_dir, state):
-    with open(out_dir / "metrics.jsonl", "w") as f:
-        f.writelines(json.dumps(m) + "\n" for m in state["metrics"])
-    (out_dir / "loss_curve.json").write_text(json.dumps(state["loss_curve"]))
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    if state["loss_curve"]:
-        steps, losses = zip(*state["loss_curve"])
-        loss_ax.plot(steps, losses)
-    loss_ax.set(xlabel="optimizer step", ylabel="train loss", title="Training loss")
-    epochs = [m["epoch"] for m in state["metrics"]]
-    acc_ax.plot(epochs, [m["accuracy"] for m in state["metrics"]], marker="o")
-    acc_ax.set_xticks(epochs)
-    acc_ax.set(xlabel="epoch", ylabel="accuracy", title="Validation accuracy")
-    fig.tight_layout()
-    fig.savefig(out_dir / "curves.png")
-    plt.close(fig)
-
-
-# ----------------------------------------------------------------------------
-# 13. Prediction with a fine-tuned model.
-# ----------------------------------------------------------------------------
 
 @torch.inference_mode()
 def predict(model_dir, texts, max_length=512, batch_size=32):
@@ -2275,252 +2586,51 @@ def read_lines(path):
 
 
 # ----------------------------------------------------------------------------
-# 14. main(): the steps in order, on whichever device this is.
+# 18. Errors the user can fix, and the text files they come from.
 # ----------------------------------------------------------------------------
 
-def prepare_output_dir(args, ranks, say):
-    """Rank 0 makes the directory, locks it, and claims it for this run; every rank
-    gets its name. Returns the name and the lock (None on other ranks)."""
-    lock = None
-    if ranks.is_main:
-        try:
-            out_dir = Path(args.output_dir) if args.output_dir else new_run_dir()
-            out_dir.mkdir(parents=True, exist_ok=True)
-            lock = DirectoryLock(out_dir, say)
-            claim_output_dir(out_dir, args, say)
-        except OSError as exc:
-            raise FinetuneError(f"cannot write to the output directory "
-                                f"{exc.filename or args.output_dir}: {exc.strerror}") from None
-    if ranks.enabled:  # the name has a timestamp: everyone takes rank 0's
-        shared = [str(out_dir) if ranks.is_main else None]
-        dist.broadcast_object_list(shared)
-        out_dir = Path(shared[0])
-    return out_dir, lock
+class FinetuneError(Exception):
+    """A problem the user can fix: printed as one line, without a traceback."""
 
 
-@contextlib.contextmanager
-def run_directory(args, ranks, say):
-    """The run's output directory, held by this process until the run ends."""
-    out_dir, lock = prepare_output_dir(args, ranks, say)
+def read_text(path, flag=None):
+    """A UTF-8 text file. A byte that is not UTF-8 is an error naming the file and
+    where, not silently replaced: the text is what the model learns from."""
+    where = f"{flag} {path}" if flag else str(path)
     try:
-        yield out_dir
-    finally:
-        if lock:
-            lock.release()
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise not_utf8(where, exc) from None
+    except OSError as exc:
+        raise FinetuneError(f"{where}: {exc.strerror}") from None
 
 
-def new_run_dir():
-    """runs/<timestamp>, made here; -2, -3 ... where another run took that name."""
-    base = Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}"
-    base.parent.mkdir(parents=True, exist_ok=True)
-    for n in range(1, 1000):
-        out_dir = base if n == 1 else base.with_name(f"{base.name}-{n}")
-        try:
-            out_dir.mkdir()
-            return out_dir
-        except FileExistsError:
-            continue
-    raise FinetuneError(f"runs/ holds 999 runs named {base.name}: use --output-dir")
-
-
-class DirectoryLock:
-    """One process at a time per output directory: an exclusive flock on DIR/.lock,
-    whose text names its holder. The kernel drops a flock with its process, so a
-    killed run leaves only the text behind: the next run takes the lock and says so.
-    """
-
-    def __init__(self, out_dir, say):
-        self.file = open(out_dir / ".lock", "a+")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "another process"
-            self.file.close()
-            raise FinetuneError(f"{out_dir} is in use by {holder}: wait for that run to end, or "
-                                "use another --output-dir") from None
-        self.file.seek(0)
-        left = self.file.read().strip()
-        if left:
-            say(f"note: {out_dir} had a stale lock ({left}, no longer running): taking it over")
-        self.file.truncate(0)
-        self.file.write(f"pid {os.getpid()} on {socket.gethostname()} "
-                        f"(since {datetime.now():%Y-%m-%d %H:%M:%S})")
-        self.file.flush()
-
-    def release(self):
-        self.file.truncate(0)  # a run that ends cleanly leaves no stale lock
-        self.file.close()      # and closing drops the flock
-
-
-RUN_FILES = ("args.json", "resumes.jsonl", "metrics.jsonl", "loss_curve.json", "curves.png",
-             "checkpoints", "model")
-OVERWRITTEN = ".overwritten"  # a replaced run, until its replacement has a checkpoint
-
-
-def claim_output_dir(out_dir, args, say):
-    """A directory holds one run. A new run refuses one that holds another (unless
-    --overwrite); a resumed one records what it changed, and args.json stays the
-    record of how the run started."""
-    if args.resume:
-        if args.changes:
-            say("resuming with changed settings: " + ", ".join(
-                f"{k} {old} → {new}" for k, (old, new) in args.changes.items()))
-        with open(out_dir / "resumes.jsonl", "a") as f:
-            f.write(json.dumps({"when": f"{datetime.now():%Y-%m-%d %H:%M:%S}",
-                                "changed": args.changes}) + "\n")
-        return
-    held = describe_run(out_dir)
-    if held and not args.overwrite:
-        raise FinetuneError(f"--output-dir {out_dir} holds {held}: continue it with --resume "
-                            f"{out_dir}, or pass a new --output-dir (--overwrite replaces it)")
-    if held:
-        set_aside(out_dir)
-        say(f"--overwrite: the run in {out_dir} is kept in {out_dir / OVERWRITTEN} until this "
-            "one's first checkpoint is written")
-    saved = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
-             if k != "changes"}
-    (out_dir / "args.json").write_text(json.dumps(saved, indent=2))
-
-
-def describe_run(out_dir):
-    """What a directory holds, in a few words, or None if it holds nothing to keep (a
-    run that stopped before its first epoch or checkpoint leaves only its args.json)."""
-    if (out_dir / OVERWRITTEN).exists():
-        return (f"in {OVERWRITTEN} a run that --overwrite set aside "
-                f"({describe_run(out_dir / OVERWRITTEN)}), whose replacement stopped before "
-                "its first checkpoint")
-    if not (out_dir / "args.json").is_file():
-        return None
+def check_utf8(path):
+    """The same check for a data file that another library reads (some pass bad bytes on)."""
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as exc:
+                raise not_utf8(path, exc, offset) from None
+            offset += len(block)
     try:
-        metrics = [json.loads(line) for line in
-                   (out_dir / "metrics.jsonl").read_text().splitlines()]
-    except (OSError, ValueError):
-        metrics = []
-    checkpoints = list_checkpoints(out_dir)
-    if not (metrics or checkpoints or (out_dir / "model").is_dir()):
-        return None
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as exc:
+        raise not_utf8(path, exc, offset) from None
+
+
+def not_utf8(where, exc, offset=0):
+    return FinetuneError(f"{where} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} "
+                         f"at position {offset + exc.start})")
+
+
+def read_json(path):
     try:
-        epochs = read_json(out_dir / "args.json").get("epochs")
-    except (FinetuneError, AttributeError):  # damaged: still a run's
-        epochs = "?"
-    if len(metrics) == epochs and (out_dir / "model").is_dir():
-        return (f"a finished run: {epochs} epoch{'s' if epochs > 1 else ''}, accuracy "
-                f"{metrics[-1]['accuracy']:.3f}")
-    newest = f"newest checkpoint {checkpoints[-1].name}" if checkpoints else "no checkpoint"
-    return f"an unfinished run: {len(metrics)} of {epochs} epochs done, {newest}"
-
-
-def set_aside(out_dir):
-    """--overwrite: move the run's files into DIR/.overwritten (a rename, nothing copied).
-    Where one is there already, the run now on top is a replacement that stopped before
-    its first checkpoint: that one goes, the one set aside before stays."""
-    kept = out_dir / OVERWRITTEN
-    earlier = kept.exists()
-    kept.mkdir(exist_ok=True)
-    for name in RUN_FILES:
-        path = out_dir / name
-        if earlier and path.exists():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        elif path.exists():
-            os.rename(path, kept / name)
-
-
-def drop_overwritten(out_dir):
-    """The new run has a checkpoint (or its model): the run it replaced can go."""
-    shutil.rmtree(Path(out_dir) / OVERWRITTEN, ignore_errors=True)
-
-
-def choose_padding(args, static):
-    """IPU graphs and traced pipelines have fixed shapes. A GPU is fastest with a few
-    shapes that CUDA graphs replay (section 8); a CPU with each batch padded to its longest."""
-    padding = args.padding if args.padding != "auto" else "max_length" if static else (
-        "buckets" if args.device == "cuda" else "dynamic")
-    if static and padding in ("dynamic", "buckets"):
-        raise FinetuneError(f"--padding {padding} is for CUDA/CPU without pipeline stages: IPU "
-                            "graphs and traced pipelines need static shapes")
-    if padding == "packed":
-        if args.group_by_length == "yes":
-            raise FinetuneError("--group-by-length is for --padding dynamic: packing fills "
-                                "rows by length itself")
-        args.max_per_row = args.max_per_row or PACKED_MAX_PER_ROW
-    elif args.max_per_row is not None:
-        raise FinetuneError(f"--max-per-row is for --padding packed (this run pads {padding})")
-    return padding
-
-
-def finetune(args, device, ranks):
-    """Data, model and stage plan; the IPU flow or the CUDA/CPU one; the fine-tuned model."""
-    on_ipu, pipelined = args.device == "ipu", ranks.stages > 1
-    say = print if ranks.is_main else (lambda *_, **__: None)
-    if not ranks.is_main:  # one voice: rank 0 speaks for all
-        datasets.disable_progress_bars()
-        transformers.logging.set_verbosity_error()
-    padding = choose_padding(args, static=on_ipu or pipelined)
-    with run_directory(args, ranks, say) as out_dir:  # this run's alone, locked
-        seed_everything(args.seed)
-        with main_process_first(ranks):  # rank 0 fills the datasets cache, the others read it
-            data, model, tokenizer = load_data_and_model(args, padding, say, eager_attention=on_ipu)
-        if ranks.enabled:  # same initial weights everywhere, but each rank its own dropout masks
-            torch.manual_seed(args.seed + ranks.rank)
-        plan = plan_stages(model, args.stages if on_ipu else ranks.stages)  # torchrun: its stages
-
-        run = Run(args, out_dir, ranks, data, padding, model, say)
-        try:
-            if on_ipu:
-                finetune_on_ipus(args, model, plan, data, run)
-            else:
-                finetune_with_torch(args, device, model, plan, data, ranks, run)
-        except Interrupted as why:
-            run.interrupted(why)
-        finally:
-            run.close()
-
-        # The fine-tuned model (on IPU the host copy, refreshed by the last detach).
-        if ranks.is_main:
-            with writing(f"the model to {out_dir / 'model'}"):
-                model.save_pretrained(out_dir / "model")
-                tokenizer.save_pretrained(out_dir / "model")
-                write_checksums(out_dir / "model")  # --predict checks them
-            drop_overwritten(out_dir)
-            say(f"model, metrics.jsonl and curves.png in {out_dir}")
-        return run.state["metrics"]
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    if args.predict:
-        from_file = read_lines(args.predict_file) if args.predict_file else []
-        if args.predict_file and not from_file:
-            raise FinetuneError(f"--predict-file {args.predict_file} holds no text")
-        texts = args.texts + from_file
-        results = predict(args.predict, texts, args.max_length)
-        for text, (label, prob) in zip(texts, results):
-            print(f"{label}\t{prob:.3f}\t{text}")
-        return results
-
-    device = pick_device(args.device)
-    args.device = "ipu" if device == "ipu" else device.type
-    if args.device == "ipu":
-        check_ipu_args(args)
-    elif args.replicas > 1:
-        raise FinetuneError("--replicas is for IPUs; on CUDA/CPU start one process per replica "
-                            "with torchrun (see the README)")
-    ranks = setup_distributed(args, device)
-    try:
-        return finetune(args, device, ranks)
-    finally:
-        if ranks.enabled:
-            dist.destroy_process_group()
-
-
-def cli(argv=None):
-    try:
-        main(argv)
-    except FinetuneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        return json.loads(read_text(path))
+    except ValueError as exc:
+        raise FinetuneError(f"{path} is not valid JSON ({exc})") from None
 
 
 if __name__ == "__main__":

@@ -83,9 +83,9 @@ def ipu_estimate(args):
     fe.datasets.disable_progress_bars()
     fe.transformers.logging.set_verbosity_error()
     model, tokenizer = fe.load_model(args.model, ["neg", "pos"])
-    splits = fe.select_splits(fe.load_raw_splits(args.dataset), "text", "label")
+    splits = fe.select_splits(fe.load_splits(args.dataset), "text", "label")
     cli = fe.parse_args(["--max-length", str(args.max_length)])
-    _, lengths = fe.tokenize(splits["train"], tokenizer, cli, False)
+    lengths = fe.Reviews(fe.tokenize(splits["train"], tokenizer, cli, False)).lengths.tolist()
     step_rows = 4 * 7
     host_batch = step_rows * 8
     padded = len(lengths) // host_batch * host_batch  # drop_last, as the tutorial's loader

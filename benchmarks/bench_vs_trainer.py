@@ -58,7 +58,7 @@ RUNS = {"trainer": "Trainer (tutorial recipe, max_length)",
 def data_for_trainer(args, padding):
     """The same slices and tokenization finetune_electra.py uses."""
     run_args = fe.parse_args(common_args(args))
-    splits = fe.select_splits(fe.load_raw_splits(args.dataset), "text", "label")
+    splits = fe.select_splits(fe.load_splits(args.dataset), "text", "label")
     labels = fe.encode_labels(splits, "label")
     model, tokenizer = fe.load_model(args.model, labels)
     train = fe.tokenize(fe.subset(splits["train"], args.train_samples, args.seed),

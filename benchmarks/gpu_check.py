@@ -159,7 +159,7 @@ def mfu(args, model_dir, reviews_per_s):
 def mean_train_tokens(model, dataset, max_length, train_samples):
     """Mean tokens per training review as a run sees them (truncated at max_length)."""
     import finetune_electra as fe
-    splits = fe.select_splits(fe.load_raw_splits(dataset), "text", "label")
+    splits = fe.select_splits(fe.load_splits(dataset), "text", "label")
     fe.encode_labels(splits, "label", "neg,pos")
     _, tokenizer = fe.load_model(model, ["neg", "pos"])
     run_args = fe.parse_args(["--max-length", str(max_length)])

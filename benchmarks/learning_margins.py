@@ -43,13 +43,8 @@ def main():
     p.add_argument("--threads", default=f"1,{torch.get_num_threads()}")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp())
-    torch.manual_seed(0)  # the tests' tiny_model_dir and sentiment_dir fixtures
-    conftest.tiny_electra().save_pretrained(tmp / "model")
-    from transformers import AutoTokenizer
-    AutoTokenizer.from_pretrained(conftest.minilm_dir()).save_pretrained(tmp / "model")
-    (tmp / "data").mkdir()
-    conftest.sentiment_frame(400, seed=0).to_parquet(tmp / "data" / "train.parquet")
-    conftest.sentiment_frame(200, seed=1).to_parquet(tmp / "data" / "test.parquet")
+    conftest.save_tiny_model(tmp / "model")  # the tests' tiny_model_dir and sentiment_dir
+    conftest.save_sentiment_data(tmp / "data")
     worst = {}
     for name in args.runs.split(","):
         for threads in map(int, args.threads.split(",")):

@@ -54,24 +54,32 @@ def tiny_electra(num_layers=4, **overrides):
     return ElectraForSequenceClassification(ElectraConfig(**{**config, **overrides}))
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
+def save_tiny_model(out):
     """A random ELECTRA of 4 layers with the BERT-uncased tokenizer ELECTRA uses."""
-    from transformers import AutoTokenizer
-    out = tmp_path_factory.mktemp("tiny-electra")
     import torch
+    from transformers import AutoTokenizer
     torch.manual_seed(0)
     tiny_electra().save_pretrained(out)
     AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(out)
     return out
 
 
+def save_sentiment_data(out):
+    """400 synthetic reviews to train on, 200 to validate on, as parquet files."""
+    Path(out).mkdir(exist_ok=True)
+    sentiment_frame(400, seed=0).to_parquet(Path(out) / "train.parquet")
+    sentiment_frame(200, seed=1).to_parquet(Path(out) / "test.parquet")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-electra"))
+
+
 @pytest.fixture(scope="session")
 def sentiment_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sentiment")
-    sentiment_frame(400, seed=0).to_parquet(out / "train.parquet")
-    sentiment_frame(200, seed=1).to_parquet(out / "test.parquet")
-    return out
+    return save_sentiment_data(tmp_path_factory.mktemp("sentiment"))
 
 
 @pytest.fixture
@@ -113,7 +121,7 @@ def assert_accuracy_of_saved_model(metrics, out):
     The two take other float paths (other batches, other padding), so a review whose two
     logits are within rounding of each other may flip between them: at most one may."""
     args = json.loads((out / "args.json").read_text())
-    splits = fe.select_splits(fe.load_raw_splits(args["dataset"]), "text", "label")
+    splits = fe.select_splits(fe.load_splits(args["dataset"]), "text", "label")
     eval_split = fe.subset(splits["eval"], args["eval_samples"], args["seed"])
     predicted = [label for label, _ in fe.predict(out / "model", eval_split["text"],
                                                   args["max_length"])]

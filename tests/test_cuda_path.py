@@ -60,9 +60,9 @@ def test_losses_are_read_every_log_every_steps_and_at_the_epoch_end(tiny_model_d
     readings = []
     steps_done = fe.Run.steps_done
 
-    def record(run, losses, samples, applied=False, iterations=1):
+    def record(run, losses, samples, updates_applied=False, iterations=1):
         readings.append((run.state["global_step"], len(losses), iterations))
-        return steps_done(run, losses, samples, applied, iterations)
+        return steps_done(run, losses, samples, updates_applied, iterations)
 
     monkeypatch.setattr(fe.Run, "steps_done", record)
     fe.main(run_args(tiny_model_dir, sentiment_dir, tmp_path, "--log-every", "20",

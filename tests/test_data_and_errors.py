@@ -12,7 +12,7 @@ from conftest import cli_error, ROOT, run_args, sentiment_frame
 
 
 def splits_of(path, text="text", label="label", label_names=None):
-    splits = fe.select_splits(fe.load_raw_splits(str(path)), text, label)
+    splits = fe.select_splits(fe.load_splits(str(path)), text, label)
     names = fe.encode_labels(splits, label, label_names)
     return splits, names
 

@@ -50,7 +50,7 @@ def torchrun(nproc, *argv):
                           capture_output=True, text=True, timeout=600)
 
 
-# Packed rows: up to 3 reviews of 7-47 tokens in each row of 64 (section 7 of the script).
+# Packed rows: up to 3 reviews of 7-47 tokens in each row of 64 (section 11 of the script).
 PADDINGS = {"max_length": [], "packed": ["--padding", "packed", "--max-length", "64",
                                          "--max-per-row", "3"]}
 
