@@ -611,8 +611,6 @@ def resume_changes(saved, args):
 COUNTS = ("epochs", "batch_size", "eval_batch_size", "gradient_accumulation", "stages",
           "max_per_row", "device_iterations", "replicas", "train_samples", "eval_samples",
           "log_every", "save_every", "keep")
-
-
 NUMBER_RANGES = [(name, lambda v: v >= 1, "at least 1") for name in COUNTS] + [
     ("max_length", lambda v: v >= 2, "at least 2 (the [CLS] and [SEP] tokens)"),
     ("seed", lambda v: 0 <= v < 2**32, "from 0 to 4294967295 (what numpy's generator takes)"),
@@ -857,8 +855,6 @@ class DirectoryLock:
 
 RUN_FILES = ("args.json", "resumes.jsonl", "metrics.jsonl", "loss_curve.json", "curves.png",
              "checkpoints", "model")
-
-
 OVERWRITTEN = ".overwritten"  # a replaced run, until its replacement has a checkpoint
 
 

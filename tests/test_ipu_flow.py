@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 import finetune_electra as fe
-from conftest import ROOT, assert_accuracy_of_saved_model, cli_error, run_args, standin_env, summary_of
+from conftest import ROOT, assert_accuracy_of_saved_model, cli_error, run_args, standin_env, \
+    summary_of
 
 IPU_ARGS = ["--device", "ipu", "--device-iterations", "4", "--batch-size", "4",
             "--train-samples", "224", "--eval-samples", "50", "--max-length", "32"]

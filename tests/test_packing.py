@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import finetune_electra as fe
-from conftest import IMDB_DIR, assert_accuracy_of_saved_model, assert_learned, cli_error, minilm_dir, run_args, sentiment_frame, \
-    summary_of, tiny_electra
+from conftest import IMDB_DIR, assert_accuracy_of_saved_model, assert_learned, cli_error, \
+    minilm_dir, run_args, sentiment_frame, summary_of, tiny_electra
 
 
 def packed_and_alone(model, tokenizer, texts, max_length, per_row):
