@@ -9,7 +9,7 @@ iterations and output (anchor) modes; on CUDA or CPU, the same recipe in plain P
     python finetune_electra.py                        # the tutorial's recipe
     python finetune_electra.py --model DIR --dataset DIR --train-samples 2000
 
-Part one, up to the banner "Part two" at line 446, is the tutorial in its order:
+Part one, up to the banner "Part two" at line 447, is the tutorial in its order:
     1. Data: IMDB, tokenized           3. Pipeline stages: which layer on which IPU
     2. Model: ELECTRA, a new head      4. The IPU flow, in one function: finetune_on_ipus()
     5. finetune() and main(): what runs, and on which device
@@ -117,7 +117,7 @@ def load_model(name, label_names, eager_attention=False):
     scaled_dot_product_attention newer transformers pick, so IPU graphs use plain matmuls."""
     path = local_path("--model", name, "directory")
     if path is not None:
-        check_model_dir(path)  # name a damaged file, rather than fail inside transformers
+        check_model_dir(path)  # a damaged or missing file named, not failed on in transformers
     attention = {"attn_implementation": "eager"} if eager_attention else {}
     with loading("model", name):
         tokenizer = AutoTokenizer.from_pretrained(name)
@@ -127,6 +127,7 @@ def load_model(name, label_names, eager_attention=False):
             label2id={n: i for i, n in enumerate(label_names)},
             ignore_mismatched_sizes=True,  # a head fine-tuned for other labels starts afresh
             **attention)
+    check_tokenizer_fits(name, model, tokenizer)  # the model's own, not a stand-in of 5 tokens
     return model, tokenizer
 
 
@@ -477,7 +478,8 @@ def build_parser():
     data.add_argument("--text-column", default="text")
     data.add_argument("--label-column", default="label")
     data.add_argument("--label-names", default=None,
-                      help="comma-separated names for integer labels 0,1,... (e.g. neg,pos)")
+                      help="comma-separated names for integer labels 0,1,... (e.g. neg,pos); "
+                      "for text labels, the order of their ids (exactly the labels found)")
     data.add_argument("--max-length", type=int, default=512, help="tokens kept per text")
     data.add_argument("--padding", choices=["auto", "max_length", "dynamic", "buckets", "packed"],
                       default="auto", help="max_length: every text to --max-length (the "
@@ -717,10 +719,6 @@ def setup_distributed(args, device):
                             "pipelining, in torch 2.4 or newer (this is torch "
                             f"{torch.__version__}): use --stages 1 (data parallel) or a newer "
                             "torch")
-    if args.stages > 1 and (args.resume or args.save_every):
-        raise FinetuneError(f"--{'resume' if args.resume else 'save-every'} works for "
-                            "single-process and data-parallel runs; torchrun pipeline runs "
-                            "write no checkpoints")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -1053,40 +1051,73 @@ def select_splits(raw, text_column, label_column):
 
 
 def encode_labels(splits, label_column, label_names=None):
-    """Labels become ids 0..n-1; string labels are mapped in sorted order."""
+    """Labels become ids 0..n-1: text labels in sorted order, or in the order of
+    --label-names, which must name exactly the labels found; integer labels keep their
+    values, and --label-names names them."""
     feature = splits["train"].features[label_column]
+    given = label_names.split(",") if label_names else None
+    text_labels = False
     if isinstance(feature, ClassLabel):
         names = feature.names
     else:
         values = sorted(set().union(*(ds.unique(label_column) for ds in splits.values())))
-        if all(isinstance(v, str) for v in values):
+        text_labels = all(isinstance(v, str) for v in values)
+        if text_labels:
             names = values
         elif all(isinstance(v, int) and v >= 0 for v in values):
             names = [str(i) for i in range(max(values) + 1)]
         else:
             raise FinetuneError(f"labels must be strings or integers >= 0, found {values[:5]}")
-    if label_names:
-        given = label_names.split(",")
-        if len(given) != len(names):
-            raise FinetuneError(f"--label-names has {len(given)} names, "
-                                f"the data has {len(names)} labels")
-        names = given
+    if given and text_labels and sorted(given) != names:
+        raise FinetuneError(f"--label-names {label_names}: the data's labels are "
+                            f"{','.join(names)}; give exactly these, in the order of their ids")
+    if given and len(given) != len(names):
+        raise FinetuneError(f"--label-names has {len(given)} names, "
+                            f"the data has {len(names)} labels")
+    names = given or names
     if len(names) < 2:
         raise FinetuneError(f"the data has a single label ({names[0]}): need at least 2 classes")
+    check_eval_labels_trained(splits, label_column, names, text_labels)
     class_label = ClassLabel(names=names)
     for split, ds in splits.items():
         if ds.features[label_column] != class_label:
-            if not isinstance(ds.features[label_column], ClassLabel) and label_names:
+            if not isinstance(ds.features[label_column], ClassLabel) and given and not text_labels:
                 ds = ds.cast_column(label_column, datasets.Value("int64"))
             splits[split] = ds.cast_column(label_column, class_label)
     return names
 
 
+# What a tokenizer is saved as (save_pretrained writes one or more of them). Without
+# any, AutoTokenizer quietly builds one that knows only the special tokens.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.model")
+
+
+def check_eval_labels_trained(splits, label_column, names, text_labels):
+    """A label that only the eval split has would make a class the model never trains on,
+    and every review of it a certain miss: refused rather than silently counted."""
+    trained = set(splits["train"].unique(label_column))
+    unseen = sorted(set(splits["eval"].unique(label_column)) - trained)
+    if unseen:
+        counts = pyarrow.compute.value_counts(splits["eval"].data.column(label_column)).to_pylist()
+        found = {c["values"]: c["counts"] for c in counts}
+        described = ", ".join(f"{v if text_labels else names[v]!s} ({found[v]} reviews)"
+                              for v in unseen)
+        raise FinetuneError(f"the eval split has labels the train split lacks: {described}; "
+                            "a model cannot learn a label it never sees: remove those reviews "
+                            "or add training examples of them")
+
+
 def check_model_dir(path):
-    """Name the damaged file of a model directory, rather than fail somewhere inside
-    transformers: checksums where this script wrote them, else the files' own structure."""
+    """Name the damaged or missing file of a model directory, rather than fail (or, for the
+    tokenizer, go on silently) inside transformers: checksums where this script wrote
+    them, else the files' own structure."""
     if not path.is_dir():
         raise FinetuneError(f"{path} is not a directory")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise FinetuneError(f"{path} has no tokenizer ({', '.join(TOKENIZER_FILES)}): a model "
+                            "directory needs the model and its tokenizer, each saved with "
+                            "save_pretrained")
     damaged = damaged_files(path)
     if damaged:
         raise FinetuneError(f"{path / damaged[0]} is damaged: its checksum is not the one "
@@ -1099,6 +1130,16 @@ def check_model_dir(path):
                 pass
         except Exception as exc:  # safetensors reads the header and checks the file's size
             raise FinetuneError(f"{f} is damaged ({first_line(exc)})") from None
+
+
+def check_tokenizer_fits(name, model, tokenizer):
+    """A tokenizer made for another model gives ids beyond the embedding table (an error
+    deep in the forward) or maps most words to [UNK] (a run that learns nothing)."""
+    tokens, table = len(tokenizer), model.get_input_embeddings().num_embeddings
+    if tokens > table or tokens < table // 2:
+        raise FinetuneError(f"{name}: its tokenizer has {tokens:,} tokens and the model's "
+                            f"embedding table {table:,} rows: the tokenizer is not the model's "
+                            "(save both with save_pretrained into one directory)")
 
 
 @contextlib.contextmanager
@@ -1287,6 +1328,10 @@ def padded_indices(n, multiple):
 
 PACKED_MAX_PER_ROW = 4  # IMDB at 512 tokens: rows 98.7% full (3: 98.5%, 2: 91%)
 PACKING_WINDOW = 1000   # reviews packed together: enough to fill rows, still shuffled
+# Every epoch has the same row count: the most that the first few epochs' packings need
+# (an epoch that needs more is shuffled anew). A fixed number of epochs, not --epochs,
+# which a resume may change: an epoch's rows must not depend on it.
+ROW_COUNT_EPOCHS = 3
 PACKABLE_MODELS = ("ElectraForSequenceClassification", "BertForSequenceClassification")
 
 
@@ -1295,7 +1340,7 @@ def packing_for(args, model, padding):
     if padding != "packed":
         return None
     check_packable(model)
-    return Packing(args.max_length, args.max_per_row, args.seed, args.epochs)
+    return Packing(args.max_length, args.max_per_row, args.seed)
 
 
 def check_packable(model):
@@ -1336,26 +1381,33 @@ def round_up(n, multiple):
 
 
 class Packing:
-    """Which reviews share each row: deterministic for a seed, reshuffled every epoch."""
+    """Which reviews share each row: deterministic for a seed and an epoch, whatever the
+    run's length, and reshuffled every epoch."""
 
-    def __init__(self, max_length, per_row, seed, epochs):
-        self.max_length, self.per_row, self.seed, self.epochs = max_length, per_row, seed, epochs
+    def __init__(self, max_length, per_row, seed):
+        self.max_length, self.per_row, self.seed = max_length, per_row, seed
 
     def train_rows(self, lengths, epoch, count=None):
-        """The epoch's rows: reviews shuffled, packed window by window, the rows shuffled."""
-        rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(lengths)).tolist()
-        rows = [row for start in range(0, len(order), PACKING_WINDOW)
-                for row in pack_rows(lengths, order[start:start + PACKING_WINDOW],
-                                     self.max_length, self.per_row)]
+        """The epoch's rows: reviews shuffled, packed window by window, the rows shuffled;
+        `count` rows, shuffled anew while a packing needs more."""
+        for draw in range(100):  # each draw needs more than `count` with p < 1/2
+            rng = np.random.default_rng([self.seed, epoch] + ([draw] if draw else []))
+            order = rng.permutation(len(lengths)).tolist()
+            rows = [row for start in range(0, len(order), PACKING_WINDOW)
+                    for row in pack_rows(lengths, order[start:start + PACKING_WINDOW],
+                                         self.max_length, self.per_row)]
+            if count is None or len(rows) <= count:
+                break
+        else:
+            raise RuntimeError(f"100 packings of epoch {epoch} all need more than {count} rows")
         rows = spread_rows(rows, count) if count else rows
         return [rows[i] for i in rng.permutation(len(rows))]
 
     def rows_per_epoch(self, lengths, multiple):
-        """One row count for every epoch (the most any epoch's packing needs), in whole
-        batches: the loaders, the bar and the step count stay the same each epoch."""
+        """One row count for every epoch, in whole batches: the loaders, the bar and the
+        step count stay the same each epoch."""
         return max(round_up(len(self.train_rows(lengths, epoch)), multiple)
-                   for epoch in range(self.epochs))
+                   for epoch in range(ROW_COUNT_EPOCHS))
 
     def eval_rows(self, lengths, multiple):
         """The eval reviews packed once (their order does not matter), in whole batches."""
@@ -1499,7 +1551,7 @@ class Run:
         self.args, self.out_dir, self.ranks, self.data = args, out_dir, ranks, data
         self.padding, self.model, self.say = padding, model, say
         self.state = new_state()
-        self.saving = None  # (model, optimizer) when this flow checkpoints
+        self.saving = None  # a TrainedState when this flow checkpoints
         self.mid_epoch = False  # whether the host has the current weights mid-epoch
         self.bar = self.stop = None
         self.last = time.perf_counter()
@@ -1509,22 +1561,27 @@ class Run:
         self.say(f"pipeline stage plan ({self.args.stages} stages, {how})")
         self.say(stage_table(model, plan))
 
-    def save_checkpoints_of(self, model, optimizer, mid_epoch):
+    def save_checkpoints_of(self, model, optimizer, mid_epoch, stage=None):
         """What checkpoints hold from now on; mid_epoch: the host has the current weights
-        between epochs too, so --save-every and a stop request can save them."""
-        self.saving, self.mid_epoch = (model, optimizer), mid_epoch
+        between epochs too, so --save-every and a stop request can save them. stage: a
+        torchrun pipeline's (stage module, prefix of the model's names in it)."""
+        self.saving = TrainedState(model, optimizer, self.ranks, stage)
+        self.mid_epoch = mid_epoch
 
     def resume_if_asked(self):
         """--resume: the newest checkpoint into the model, the optimizer and this run."""
         if self.args.resume:
-            self.state, path = load_checkpoint(self.out_dir, *self.saving,
+            self.state, path = load_checkpoint(self.out_dir, self.saving,
                                                on_ipu=self.args.device == "ipu", say=self.say)
+            for group in self.saving.optimizer.param_groups:  # a resume may change --lr
+                group["lr"] = self.args.lr
             self.say(f"resumed from {path} (epoch {self.state['epoch'] + 1}, "
                      f"step {self.state['step']})")
 
     def save(self):
+        snapshot = self.saving.snapshot()  # every rank's part, gathered on rank 0
         if self.ranks.is_main:
-            save_checkpoint(self.out_dir, *self.saving, self.state, self.args.keep)
+            save_checkpoint(self.out_dir, snapshot, self.state, self.args.keep)
             drop_overwritten(self.out_dir)
         if self.ranks.enabled:
             dist.barrier()
@@ -1658,7 +1715,8 @@ class Run:
         self.close()
         self.say(f"\nstopped by {why} at epoch {self.state['epoch'] + 1}, step "
                  f"{self.state['step']}; checkpoint: {path}\n"
-                 f"resume with: python {sys.argv[0]} --resume {self.out_dir}")
+                 f"resume with: " + resume_command(self.out_dir, self.ranks.world, int(
+                     os.environ.get("LOCAL_WORLD_SIZE", self.ranks.world))))
         raise SystemExit(130) from None
 
     def close(self):
@@ -1792,18 +1850,26 @@ def fsync_path(path):
         os.close(fd)
 
 
-def rng_state():
-    tensors = {"rng.torch": torch.get_rng_state()}
+def rng_prefix(rank):
+    """Where a rank's random state is kept: each rank draws its own dropout masks."""
+    return "rng." if rank == 0 else f"rng.rank{rank}."
+
+
+def rng_state(rank):
+    prefix = rng_prefix(rank)
+    tensors = {prefix + "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        tensors.update({f"{prefix}cuda.{i}": s
+                        for i, s in enumerate(torch.cuda.get_rng_state_all())})
     np_state = np.random.get_state()
     return tensors, {"python": random.getstate(),
                      "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
 
 
-def set_rng_state(tensors, saved):
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+def set_rng_state(tensors, saved, rank):
+    prefix = rng_prefix(rank)
+    torch.set_rng_state(tensors[prefix + "torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith(prefix + "cuda.")]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
     version, internal, gauss = saved["python"]
@@ -1817,13 +1883,14 @@ def checkpoint_name(state):
     return f"step-{state['global_step']:08d}" + ("" if state["step"] else "-end")
 
 
-def split_optimizer_state(opt_state):
-    """An optimizer's state_dict() as tensors (for safetensors) and the rest (for JSON)."""
+def split_optimizer_state(opt_state, prefix=""):
+    """An optimizer's state_dict() as tensors (for safetensors) and the rest (for JSON);
+    `prefix` tells pipeline stages' optimizers apart."""
     tensors, rest = {}, {"param_groups": opt_state["param_groups"], "state": {}, "ipu_parts": []}
     for pid, values in opt_state["state"].items():
         for key, value in values.items():
             if torch.is_tensor(value):
-                tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"{prefix}{pid}.{key}"] = value.detach().cpu().contiguous()
             else:
                 rest["state"].setdefault(str(pid), {})[key] = value
     for part in IPU_OPTIMIZER_PARTS:
@@ -1834,22 +1901,102 @@ def split_optimizer_state(opt_state):
     return tensors, rest
 
 
-def join_optimizer_state(tensors, rest):
+def join_optimizer_state(tensors, rest, prefix=""):
     opt_state = {"param_groups": rest["param_groups"], "state": {}}
     opt_state.update({part: {} for part in rest.get("ipu_parts", [])})
     for key, value in tensors.items():
         part, _, name = key.partition("/")
         if part in IPU_OPTIMIZER_PARTS:
             opt_state[part][name] = value
-        elif not key.startswith("rng."):
-            pid, name = key.split(".", 1)
+        elif key.startswith(prefix) and not key.startswith("rng."):
+            pid, name = key[len(prefix):].split(".", 1)
             opt_state["state"].setdefault(int(pid), {})[name] = value
     for pid, values in rest["state"].items():
         opt_state["state"].setdefault(int(pid), {}).update(values)
     return opt_state
 
 
-def save_checkpoint(out_dir, model, optimizer, state, keep):
+class TrainedState:
+    """What a checkpoint keeps of training: the weights and the optimizer's state (under
+    torchrun pipelines each stage holds its part of them: replica 0's are kept) and every
+    rank's random state, so that each rank continues as if never stopped."""
+
+    def __init__(self, model, optimizer, ranks=None, stage=None):
+        self.model, self.optimizer, self.stage = model, optimizer, stage  # stage: pipelines
+        self.ranks = ranks or Ranks()
+
+    def _weights(self):
+        if self.stage is None:
+            return self.model.state_dict()
+        # The trace keeps buffers the model does not save (position and token type ids).
+        module, prefix = self.stage
+        saved = self.model.state_dict().keys()
+        return {name[len(prefix):]: value for name, value in module.state_dict().items()
+                if name[len(prefix):] in saved}
+
+    def _optimizer_prefix(self):
+        return "" if self.stage is None else f"stage{self.ranks.stage}."
+
+    def _part(self, with_optimizer):
+        """This rank's share: its random state, and on replica 0 of each stage its weights
+        and optimizer state (the other replicas hold copies of them)."""
+        ranks = self.ranks
+        tensors, rng_json = rng_state(ranks.rank)
+        part = {"weights": {}, "tensors": tensors, "rng": rng_json, "stage": ranks.stage}
+        if ranks.replica == 0:
+            part["weights"] = {k: v.detach().cpu() for k, v in self._weights().items()}
+            if with_optimizer:
+                opt_tensors, part["optimizer"] = split_optimizer_state(
+                    self.optimizer.state_dict(), self._optimizer_prefix())
+                tensors.update(opt_tensors)
+        return part
+
+    def snapshot(self, with_optimizer=True):
+        """Every rank's share as (weights, tensors, what state.json adds) on rank 0, None
+        elsewhere: under torchrun all ranks must call it."""
+        ranks, part = self.ranks, self._part(with_optimizer)
+        everyone = [part]
+        if ranks.enabled:  # rank 0 keeps its own share here instead of pickling it to itself
+            everyone = [None] * ranks.world if ranks.is_main else None
+            dist.gather_object(None if ranks.is_main else part, everyone, dst=0)
+            if not ranks.is_main:
+                return None
+            everyone[0] = part
+        weights, tensors, optimizers = {}, {}, {}
+        for share in everyone:
+            weights.update(share["weights"])
+            tensors.update(share["tensors"])
+            if "optimizer" in share:
+                optimizers[str(share["stage"])] = share["optimizer"]
+        saved = {"rng_ranks": {str(rank): share["rng"] for rank, share in enumerate(everyone)},
+                 "processes": ranks.world,
+                 "processes_per_node": int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world))}
+        if optimizers:
+            saved["optimizer"] = optimizers["0"] if self.stage is None else {"stages": optimizers}
+        return weights, tensors, saved
+
+    def restore(self, weights, tensors, saved):
+        """This rank's share of a checkpoint (`saved`: its state.json) into its model,
+        optimizer and random generators."""
+        ranks = self.ranks
+        if self.stage is None:
+            self.model.load_state_dict(weights)
+            opt_json = saved["optimizer"]
+        else:
+            module, prefix = self.stage
+            mine = {name: weights[name[len(prefix):]] for name in module.state_dict()
+                    if name[len(prefix):] in weights}
+            module.load_state_dict(mine, strict=False)
+            opt_json = saved["optimizer"]["stages"][str(ranks.stage)]
+        self.optimizer.load_state_dict(join_optimizer_state(tensors, opt_json,
+                                                            self._optimizer_prefix()))
+        rngs = saved.get("rng_ranks") or {"0": saved["rng"]}  # "rng": older checkpoints
+        rank = ranks.rank if str(ranks.rank) in rngs else 0
+        set_rng_state(tensors, rngs[str(rank)], rank)
+
+
+def save_checkpoint(out_dir, snapshot, state, keep):
+    """Write TrainedState.snapshot() and the run's state as the newest checkpoint."""
     root = out_dir / "checkpoints"
     final = root / checkpoint_name(state)
     if final.exists():  # this very state is saved already (Ctrl-C right after a checkpoint)
@@ -1860,7 +2007,7 @@ def save_checkpoint(out_dir, model, optimizer, state, keep):
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        write_checkpoint_files(tmp, model, optimizer, state)
+        write_checkpoint_files(tmp, snapshot, state)
         os.rename(tmp, final)
         fsync_path(root)
     except OSError as exc:  # a full disk: the previous checkpoint stays the newest, intact
@@ -1874,14 +2021,11 @@ def save_checkpoint(out_dir, model, optimizer, state, keep):
     return final
 
 
-def write_checkpoint_files(folder, model, optimizer, state):
-    opt_tensors, opt_json = split_optimizer_state(optimizer.state_dict())
-    rng_tensors, rng_json = rng_state()
-    save_file({k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-              folder / "model.safetensors")
-    save_file({**opt_tensors, **rng_tensors}, folder / "optimizer.safetensors")
-    (folder / "state.json").write_text(json.dumps({**state, "optimizer": opt_json,
-                                                   "rng": rng_json}))
+def write_checkpoint_files(folder, snapshot, state):
+    weights, tensors, saved = snapshot
+    save_file({k: v.contiguous() for k, v in weights.items()}, folder / "model.safetensors")
+    save_file(tensors, folder / "optimizer.safetensors")
+    (folder / "state.json").write_text(json.dumps({**state, **saved}))
     write_checksums(folder)
     for f in folder.iterdir():
         fsync_path(f)
@@ -1898,8 +2042,8 @@ class DamagedCheckpoint(Exception):
     pass
 
 
-def load_checkpoint(out_dir, model, optimizer, on_ipu=False, say=print):
-    """Restore the newest intact checkpoint into model and optimizer; return the run state.
+def load_checkpoint(out_dir, held, on_ipu=False, say=print):
+    """Restore the newest intact checkpoint into a TrainedState; return the run state.
 
     A damaged checkpoint (its checksums, or files that do not read) is reported in
     one line and the one before it is tried: that is what --keep is for.
@@ -1910,7 +2054,7 @@ def load_checkpoint(out_dir, model, optimizer, on_ipu=False, say=print):
     problems = []
     for path in reversed(checkpoints):
         try:
-            return restore_checkpoint(path, model, optimizer, on_ipu), path
+            return restore_checkpoint(path, held, on_ipu), path
         except DamagedCheckpoint as why:
             say(f"warning: checkpoint {path} is damaged ({why}); trying the one before it")
             problems.append(f"{path.name}: {why}")
@@ -1932,20 +2076,39 @@ def read_checkpoint(path):
         raise DamagedCheckpoint(first_line(exc)) from None
 
 
-def restore_checkpoint(path, model, optimizer, on_ipu):
+SNAPSHOT_KEYS = ("optimizer", "rng", "rng_ranks", "processes", "processes_per_node")
+
+
+def restore_checkpoint(path, held, on_ipu):
     state, weights, tensors = read_checkpoint(path)
-    expected = model.state_dict()
+    expected = held.model.state_dict()
     if set(weights) != set(expected) or any(weights[k].shape != expected[k].shape for k in weights):
         raise FinetuneError(f"{path} was saved from another model architecture than --model")
-    opt_json = state.pop("optimizer")
-    written_on_ipu = bool(opt_json.get("ipu_parts"))
+    saved = {key: state.pop(key) for key in SNAPSHOT_KEYS if key in state}
+    written_on_ipu = bool(saved["optimizer"].get("ipu_parts"))
     if written_on_ipu != on_ipu:  # the Adam moments are kept in another form on each
         raise FinetuneError(f"{path} was written on {'an IPU' if written_on_ipu else 'CUDA/CPU'}: "
                             f"resume it with --device {'ipu' if written_on_ipu else 'cpu or cuda'}")
-    model.load_state_dict(weights)
-    optimizer.load_state_dict(join_optimizer_state(tensors, opt_json))
-    set_rng_state(tensors, state.pop("rng"))
+    processes = saved.get("processes", 1)
+    if processes != held.ranks.world:  # each process's share of a step would change
+        raise FinetuneError(f"{path} was written by {processes} process(es), this run has "
+                            f"{held.ranks.world}: resume it as it ran, with "
+                            + resume_command(path.parent.parent, processes,
+                                             saved.get("processes_per_node")))
+    held.restore(weights, tensors, saved)
     return state
+
+
+def resume_command(out_dir, processes=1, per_node=None):
+    """The command that continues a run as it ran: alone, or torchrun with its processes."""
+    script = sys.argv[0] if sys.argv[0].endswith(".py") else "finetune_electra.py"
+    per_node = per_node or processes
+    if processes == 1:
+        return f"python {script} --resume {out_dir}"
+    nodes = processes // per_node
+    on_nodes = (f" --nnodes {nodes} (on each of the {nodes} nodes, with the run's rendezvous "
+                "options)") if nodes > 1 else ""
+    return f"torchrun --nproc-per-node {per_node}{on_nodes} {script} --resume {out_dir}"
 
 
 def resolve_resume_dir(value):
@@ -2027,8 +2190,9 @@ def finetune_with_torch(args, device, model, plan, data, ranks, run):
     else:
         train_step, eval_step, optimizer = data_parallel_steps(classifier, args, device, ranks,
                                                                accumulation)
-        run.save_checkpoints_of(model, optimizer, mid_epoch=True)
-        run.resume_if_asked()
+        stage = None
+    run.save_checkpoints_of(model, optimizer, mid_epoch=True, stage=stage)
+    run.resume_if_asked()
     loading = dict(pad_id=data.pad_id, multiple=BUCKET if run.padding == "buckets" else 1,
                    pin_memory=device.type == "cuda")
     eval_loader, eval_order = eval_data(data, args, pipelined, ranks, loading)
@@ -2064,7 +2228,7 @@ def finetune_with_torch(args, device, model, plan, data, ranks, run):
             tqdm.write(f"Accuracy: {accuracy:.3f}")
         run.end_epoch(accuracy, time.perf_counter() - start)
     if pipelined:  # each stage trained its own weights: bring them into rank 0's model
-        gather_pipeline_weights(model, stage, ranks)
+        gather_pipeline_weights(model, run.saving, ranks)
 
 
 def train_batches(lengths, batch_size, seed, epoch, group_by_length):
@@ -2520,37 +2684,36 @@ def pipeline_steps(classifier, plan, args, ranks, device, accumulation):
     return train_step, eval_step, optimizer, (stage_module, model_prefix(wrapped))
 
 
-def gather_pipeline_weights(model, stage, ranks):
+def gather_pipeline_weights(model, held, ranks):
     """Each stage trained its own weights: bring them all into rank 0's model."""
-    stage_module, prefix = stage
-
-    def model_name(name):  # without the prefix (str.removeprefix is Python 3.9+)
-        return name[len(prefix):] if name.startswith(prefix) else name
-
-    mine = {} if ranks.replica else {model_name(name): value.detach().cpu()
-                                     for name, value in stage_module.state_dict().items()}
-    everyone = [None] * ranks.world
-    dist.all_gather_object(everyone, mine)
-    weights = {name: value for part in everyone for name, value in part.items()}
-    missing = [name for name, _ in model.named_parameters() if name not in weights]
-    if missing:
-        raise RuntimeError(f"no pipeline stage holds {missing[:3]}")
-    model.load_state_dict(weights, strict=False)
+    snapshot = held.snapshot(with_optimizer=False)
+    if ranks.is_main:
+        weights = snapshot[0]
+        missing = [name for name, _ in model.named_parameters() if name not in weights]
+        if missing:
+            raise RuntimeError(f"no pipeline stage holds {missing[:3]}")
+        model.load_state_dict(weights, strict=False)
 
 
 # ----------------------------------------------------------------------------
 # 17. Prediction with a fine-tuned model.
 # ----------------------------------------------------------------------------
 
+BLANK = "-"  # --predict-file: a blank line's label and probability
+
+
 def predict_texts(args):
-    """--predict: each text's label and its probability, a line each."""
+    """--predict: each text's label and its probability, a line each, in the order given.
+    A blank line of --predict-file gets the line `-<tab>-<tab>` (no text, no label), so
+    that output line N is always input line N."""
     from_file = read_lines(args.predict_file) if args.predict_file else []
-    if args.predict_file and not from_file:
+    if args.predict_file and not any(from_file):
         raise FinetuneError(f"--predict-file {args.predict_file} holds no text")
     texts = args.texts + from_file
-    results = predict(args.predict, texts, args.max_length)
+    classified = iter(predict(args.predict, [t for t in texts if t], args.max_length))
+    results = [next(classified) if text else (BLANK, None) for text in texts]
     for text, (label, prob) in zip(texts, results):
-        print(f"{label}\t{prob:.3f}\t{text}")
+        print(f"{label}\t{BLANK if prob is None else f'{prob:.3f}'}\t{text}")
     return results
 
 
@@ -2564,6 +2727,7 @@ def predict(model_dir, texts, max_length=512, batch_size=32):
     check_model_dir(Path(model_dir))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    check_tokenizer_fits(model_dir, model, tokenizer)
     max_length = min(max_length, max_tokens(model, tokenizer))  # longer texts are truncated
     results = []
     for i in range(0, len(texts), batch_size):
@@ -2577,8 +2741,10 @@ def predict(model_dir, texts, max_length=512, batch_size=32):
 
 
 def read_lines(path):
-    texts = [line.strip() for line in read_text(path, "--predict-file").splitlines()]
-    return [t for t in texts if t]
+    """The file's lines as an editor numbers them: split at newlines only (splitlines()
+    would also split at form feeds and Unicode line separators inside a review)."""
+    lines = read_text(path, "--predict-file").split("\n")
+    return [line.strip() for line in (lines[:-1] if lines[-1] == "" else lines)]
 
 
 # ----------------------------------------------------------------------------

@@ -89,7 +89,7 @@ def ipu_estimate(args):
     step_rows = 4 * 7
     host_batch = step_rows * 8
     padded = len(lengths) // host_batch * host_batch  # drop_last, as the tutorial's loader
-    packed = fe.Packing(args.max_length, fe.PACKED_MAX_PER_ROW, args.seed, 3).rows_per_epoch(
+    packed = fe.Packing(args.max_length, fe.PACKED_MAX_PER_ROW, args.seed).rows_per_epoch(
         lengths, host_batch)
     return {"reviews": len(lengths), "host_batch_rows": host_batch,
             "max_length_rows": padded, "packed_rows": packed,

@@ -230,17 +230,3 @@ def test_texts_without_predict_are_refused_not_ignored(capsys, tmp_path):
     err = cli_error(capsys, ["--predict-file", "reviews.txt", "--output-dir", str(tmp_path / "out")])
     assert "need --predict MODEL_DIR" in err
     assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize("flag", [["--save-every", "5"], ["--resume", "RUN"]])
-def test_checkpoint_flags_on_torchrun_pipelines_are_refused(monkeypatch, capsys, tmp_path,
-                                                            finished_run, flag):
-    """Pipeline runs write no checkpoints: asking for them is an error, not silently nothing."""
-    monkeypatch.setattr(fe, "has_pipelining", lambda: True)
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    flag = [str(finished_run) if value == "RUN" else value for value in flag]
-    err = cli_error(capsys, ["--device", "cpu", "--stages", "4", *flag,  # the run's own stages
-                             "--output-dir", str(tmp_path / "out")])
-    assert f"{flag[0]} works for single-process and data-parallel runs" in err
-    assert not (tmp_path / "out").exists()

@@ -94,7 +94,7 @@ def test_a_checkpoint_killed_mid_write_leaves_the_previous_one(unbroken, monkeyp
     before = fe.list_checkpoints(out)
     model, _ = fe.load_model(str(out / "model"), ["0", "1"])
     optimizer = torch.optim.AdamW(model.parameters())
-    state, _ = fe.load_checkpoint(out, model, optimizer)
+    state, _ = fe.load_checkpoint(out, fe.TrainedState(model, optimizer))
 
     def dies_mid_write(tensors, path):
         path.write_bytes(b"partial")
@@ -103,10 +103,10 @@ def test_a_checkpoint_killed_mid_write_leaves_the_previous_one(unbroken, monkeyp
     monkeypatch.setattr(fe, "save_file", dies_mid_write)
     state["global_step"] += 1
     with pytest.raises(KeyboardInterrupt):
-        fe.save_checkpoint(out, model, optimizer, state, keep=2)
+        fe.save_checkpoint(out, fe.TrainedState(model, optimizer).snapshot(), state, keep=2)
     assert fe.list_checkpoints(out) == before  # the half-written one is not listed
     assert (out / "checkpoints" / f".{fe.checkpoint_name(state)}.tmp").exists()
-    restored, path = fe.load_checkpoint(out, model, optimizer)
+    restored, path = fe.load_checkpoint(out, fe.TrainedState(model, optimizer))
     assert path == before[-1] and restored["global_step"] == state["global_step"] - 1
 
 
@@ -157,11 +157,16 @@ def test_predict_matches_the_in_process_model(unbroken, capsys):
     assert [row[2] for row in printed] == texts
 
 
-def test_predict_file(unbroken, tmp_path, capsys):
-    (tmp_path / "reviews.txt").write_text("loved it\n\nhated it\n")
+def test_predict_file_gives_one_line_per_input_line_in_order(unbroken, tmp_path, capsys):
+    """Line N of the output is line N of the input: a blank line (or one of spaces) gets
+    `-<tab>-<tab>`, and a form feed inside a review does not split it (issue 30)."""
+    (tmp_path / "reviews.txt").write_text("loved it\n\nhated it\n   \nfine\x0cfilm\n")
     fe.cli(["--predict", str(unbroken / "model"), "--predict-file", str(tmp_path / "reviews.txt")])
-    assert [line.split("\t")[2] for line in capsys.readouterr().out.splitlines()] == [
-        "loved it", "hated it"]
+    lines = [line.split("\t") for line in capsys.readouterr().out.split("\n")[:-1]]
+    assert [text for _, _, text in lines] == ["loved it", "", "hated it", "", "fine\x0cfilm"]
+    assert lines[1] == lines[3] == ["-", "-", ""]
+    assert all(label in ("0", "1") and 0.5 <= float(prob) <= 1
+               for i, (label, prob, _) in enumerate(lines) if i not in (1, 3))
 
 
 def test_curves_png_is_written(unbroken):
@@ -254,3 +259,62 @@ def test_predict_errors(capsys, tmp_path):
     assert "not a saved model" in cli_error(capsys, ["--predict", str(tmp_path), "text"])
     assert "--predict-file nothing.txt: No such file" in cli_error(
         capsys, ["--predict", str(tmp_path), "--predict-file", "nothing.txt"])
+
+
+def test_packed_run_killed_then_resumed_with_more_epochs_equals_the_unbroken_run(
+        tiny_model_dir, tmp_path, monkeypatch):
+    """Issue 30: the rows an epoch packs must not depend on --epochs, which a resume may
+    change. 2,000 reviews in windows of 1,000 pack into 1,224 rows in epoch 0 and 1,232
+    in epoch 1: a row count taken over --epochs gave the killed 1-epoch run 153 steps and
+    the resumed 2-epoch run 154, so the resumed epoch 0 trained other rows than its
+    checkpoint's step list assumed (some reviews twice, others never)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    sentiment_frame(2000, seed=0).to_parquet(data / "train.parquet")
+    sentiment_frame(200, seed=1).to_parquet(data / "test.parquet")
+    packed = ["--padding", "packed", "--max-per-row", "3", "--max-length", "48",
+              "--eval-samples", "50", "--save-every", "20", "--log-every", "5"]
+    fe.main(run_args(tiny_model_dir, data, tmp_path / "unbroken", *packed, "--epochs", "2"))
+    out = tmp_path / "killed"
+    proc = start(run_args(tiny_model_dir, data, out, *packed, "--epochs", "1"))
+    wait_for_checkpoint(proc, out, timeout=300)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    newest = json.loads((fe.list_checkpoints(out)[-1] / "state.json").read_text())
+    assert newest["epoch"] == 0 and 0 < newest["step"] < 154 and not (out / "model").exists()
+
+    # The resume, in this process, counting the rows each epoch's loader reads.
+    fetched, rows_of, epoch_now = {}, {}, []
+    pack_epoch, get_row = fe.Data.pack_epoch, fe.PackedRows.__getitem__
+
+    def counting_pack_epoch(self, epoch):
+        pack_epoch(self, epoch)
+        epoch_now[:] = [epoch]
+        rows_of[epoch] = self.train_set.rows
+
+    def counting_get_row(self, i):
+        if len(self.reviews) == 2000:  # the train rows, not the eval ones
+            fetched.setdefault(epoch_now[0], []).append(i)
+        return get_row(self, i)
+
+    monkeypatch.setattr(fe.Data, "pack_epoch", counting_pack_epoch)
+    monkeypatch.setattr(fe.PackedRows, "__getitem__", counting_get_row)
+    fe.main(["--resume", str(out), "--epochs", "2"])
+    assert_same_run(tmp_path / "unbroken", out)
+    assert [len(rows) for rows in rows_of.values()] == [1232, 1232]
+    done = newest["step"] * 8  # packed steps read their rows in order, 8 a step
+    assert sorted(fetched[0]) == list(range(done, 1232))  # the rest of epoch 0, once each
+    assert sorted(fetched[1]) == list(range(1232))
+    for rows in rows_of.values():  # every review in exactly one row of each epoch
+        assert sorted(review for row in rows for review in row) == list(range(2000))
+
+
+def test_a_resume_with_another_lr_trains_with_it(unbroken, tmp_path):
+    """Issue 30, a sibling: the optimizer's restored param_groups carried the old lr, so
+    `--resume --lr` was announced as a change and silently not applied."""
+    out = tmp_path / "run"
+    shutil.copytree(unbroken, out)
+    fe.main(["--resume", str(out), "--epochs", "3", "--lr", "5e-4"])
+    state = json.loads((fe.list_checkpoints(out)[-1] / "state.json").read_text())
+    assert state["epoch"] == 3
+    assert [group["lr"] for group in state["optimizer"]["param_groups"]] == [5e-4]

@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset, DatasetDict
 
 import finetune_electra as fe
-from conftest import cli_error, ROOT, run_args, sentiment_frame
+from conftest import cli_error, ROOT, run_args, sentiment_frame, tiny_electra
 
 
 def splits_of(path, text="text", label="label", label_names=None):
@@ -141,3 +141,82 @@ def test_hub_unreachable_says_so_and_points_to_local_paths(tmp_path):
         error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert len(error) == 1 and what in error[0]
         assert "--model PATH" in error[0] and "--dataset PATH" in error[0]
+
+
+# --- issue 30: the tokenizer is the model's; text labels named; eval labels trained on ----
+
+def test_a_model_directory_without_its_tokenizer_is_refused(capsys, tiny_model_dir,
+                                                            sentiment_dir, tmp_path):
+    """Before: AutoTokenizer made a 5-token tokenizer, every word [UNK], rc 0 at chance."""
+    model_only = tmp_path / "model-only"
+    model_only.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (model_only / name).write_bytes((tiny_model_dir / name).read_bytes())
+    err = cli_error(capsys, run_args(model_only, sentiment_dir, tmp_path / "out"))
+    assert f"{model_only} has no tokenizer (tokenizer.json, vocab.txt" in err
+    assert "needs the model and its tokenizer, each saved with save_pretrained" in err
+
+
+def test_a_tokenizer_that_does_not_fit_the_model_is_refused(capsys, tiny_model_dir,
+                                                            sentiment_dir, tmp_path):
+    from transformers import AutoTokenizer
+    for vocab_size, words in ((1000, "30,522 tokens and the model's embedding table 1,000 rows"),
+                              (100_000, "30,522 tokens and the model's embedding table 100,000")):
+        model_dir = tmp_path / f"vocab-{vocab_size}"
+        tiny_electra(vocab_size=vocab_size).save_pretrained(model_dir)
+        AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(model_dir)
+        err = cli_error(capsys, run_args(model_dir, sentiment_dir, tmp_path / "out"))
+        assert words in err and "the tokenizer is not the model's" in err
+        assert "the tokenizer is not the model's" in cli_error(
+            capsys, ["--predict", str(model_dir), "a fine film"])
+
+
+def write_text_label_csvs(folder, eval_labels=("negative", "positive")):
+    """A Kaggle-style CSV pair: review,sentiment with text labels."""
+    folder.mkdir()
+    for split, n, labels in (("train", 64, ("negative", "positive")), ("test", 32, eval_labels)):
+        frame = sentiment_frame(n, seed=n)
+        frame["label"] = frame["label"].map(dict(enumerate(labels)))
+        frame.rename(columns={"text": "review", "label": "sentiment"}).to_csv(
+            folder / f"{split}.csv", index=False)
+    return folder
+
+
+def test_label_names_order_text_labels(tmp_path):
+    """Before: ArrowInvalid 'Failed to parse string: positive as a scalar of type int64'."""
+    splits, names = splits_of(write_text_label_csvs(tmp_path / "csv"), "review", "sentiment",
+                              label_names="positive,negative")
+    assert names == ["positive", "negative"]
+    raw = fe.select_splits(fe.load_splits(str(tmp_path / "csv")), "review", "sentiment")
+    for split in ("train", "eval"):
+        expected = [{"positive": 0, "negative": 1}[v] for v in raw[split]["sentiment"]]
+        assert splits[split]["sentiment"] == expected
+
+
+def test_label_names_that_are_not_the_text_labels_list_the_data_labels(capsys, tmp_path,
+                                                                       tiny_model_dir):
+    data = write_text_label_csvs(tmp_path / "csv")
+    for names in ("neg,pos", "positive", "negative,positive,neutral"):
+        err = cli_error(capsys, run_args(tiny_model_dir, data, tmp_path / "out", "--text-column",
+                                         "review", "--label-column", "sentiment",
+                                         "--label-names", names))
+        assert err == (f"error: --label-names {names}: the data's labels are negative,positive; "
+                       "give exactly these, in the order of their ids")
+
+
+def test_a_label_only_the_eval_split_has_is_refused(capsys, tmp_path, tiny_model_dir):
+    """Before: a silent 3-class model (labels: 0=0, 1=1, 2=2), its third class never trained."""
+    data = write_text_label_csvs(tmp_path / "csv", eval_labels=("negative", "neutral"))
+    err = cli_error(capsys, run_args(tiny_model_dir, data, tmp_path / "out", "--text-column",
+                                     "review", "--label-column", "sentiment"))
+    neutral = sum(sentiment_frame(32, seed=32)["label"])
+    assert (f"the eval split has labels the train split lacks: neutral ({neutral} reviews); a "
+            "model cannot learn a label it never sees") in err
+    ints = tmp_path / "ints"
+    ints.mkdir()
+    sentiment_frame(64, seed=0).to_parquet(ints / "train.parquet")
+    frame = sentiment_frame(32, seed=1)
+    frame.loc[:4, "label"] = 2
+    frame.to_parquet(ints / "test.parquet")
+    err = cli_error(capsys, run_args(tiny_model_dir, ints, tmp_path / "out2"))
+    assert "the eval split has labels the train split lacks: 2 (5 reviews)" in err

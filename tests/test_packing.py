@@ -103,7 +103,7 @@ def imdb_like_lengths(n, seed=0):
 
 def test_every_training_review_is_used_once_per_epoch_in_full_rows():
     lengths = imdb_like_lengths(5000)
-    packing = fe.Packing(512, 4, seed=7, epochs=3)
+    packing = fe.Packing(512, 4, seed=7)
     count = packing.rows_per_epoch(lengths, multiple=224)
     assert count % 224 == 0
     epochs = [packing.train_rows(lengths, epoch, count) for epoch in range(3)]
@@ -113,8 +113,8 @@ def test_every_training_review_is_used_once_per_epoch_in_full_rows():
         assert max(map(len, rows)) <= 4
         assert max(sum(lengths[i] for i in row) for row in rows) <= 512
     assert epochs[0] != epochs[1] != epochs[2]  # packed afresh every epoch
-    assert epochs[1] == fe.Packing(512, 4, seed=7, epochs=3).train_rows(lengths, 1, count)
-    assert epochs[1] != fe.Packing(512, 4, seed=8, epochs=3).train_rows(lengths, 1, count)
+    assert epochs[1] == fe.Packing(512, 4, seed=7).train_rows(lengths, 1, count)
+    assert epochs[1] != fe.Packing(512, 4, seed=8).train_rows(lengths, 1, count)
     efficiency = sum(lengths) / (count * 512)
     assert sum(lengths) / (5000 * 512) < 0.6 and efficiency > 0.95
 
@@ -126,7 +126,7 @@ def test_spreading_rows_splits_shared_rows_before_adding_empty_ones():
 
 def test_every_eval_review_is_predicted_exactly_once():
     lengths = [int(n) for n in imdb_like_lengths(301, seed=3)]
-    packing = fe.Packing(512, 4, seed=0, epochs=1)
+    packing = fe.Packing(512, 4, seed=0)
     rows = packing.eval_rows(lengths, multiple=32)
     assert len(rows) % 32 == 0
     assert sorted(i for row in rows for i in row) == list(range(301))

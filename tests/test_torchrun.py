@@ -3,8 +3,12 @@
 import contextlib
 import io
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -44,10 +48,14 @@ EACH_LAYOUT = pytest.mark.parametrize("layout", [
     for name in LAYOUTS])
 
 
+def torchrun_command(nproc, *argv):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={nproc}", str(ROOT / "finetune_electra.py"), *argv]
+
+
 def torchrun(nproc, *argv):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc-per-node={nproc}", str(ROOT / "finetune_electra.py"), *argv],
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(torchrun_command(nproc, *argv), capture_output=True, text=True,
+                          timeout=600)
 
 
 # Packed rows: up to 3 reviews of 7-47 tokens in each row of 64 (section 11 of the script).
@@ -153,3 +161,82 @@ def test_pipelines_without_torch_pipelining_are_a_clear_error_before_work(
     assert "torchrun with --stages 2 needs torch.distributed.pipelining, in torch 2.4 or newer" in err
     assert f"this is torch {torch.__version__}" in err and "use --stages 1" in err
     assert not any(tmp_path.iterdir())  # nothing written: no work was done
+
+
+# --- issue 30/31: killed with kill -9 and resumed, every layout equals its unbroken run ---
+# Dropout on (the tiny model's 0.1): each rank draws its own masks, so each rank's random
+# state must come back. 400 reviews, 8 a step: 50 steps an epoch, a checkpoint every 10.
+RESUMABLE = ["--max-length", "32", "--padding", "max_length", "--group-by-length", "no",
+             "--eval-samples", "50", "--epochs", "2", "--lr", "1e-3", "--batch-size", "2",
+             "--device-iterations", "4", "--log-every", "1", "--device", "cpu",
+             "--save-every", "10"]
+
+
+def kill_after_first_checkpoint(command, out, timeout=300):
+    """Start a run in its own process group; at its first checkpoint, kill -9 the group."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    deadline = time.time() + timeout
+    while not fe.list_checkpoints(out):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert not (out / "model").exists()  # it died mid-run
+    newest = json.loads((fe.list_checkpoints(out)[-1] / "state.json").read_text())
+    assert newest["epoch"] == 0 and newest["step"] > 0  # mid-epoch
+    return newest
+
+
+def resumable_args(layout, model_dir, data_dir):
+    return ["--model", str(model_dir), "--dataset", str(data_dir), *RESUMABLE, *LAYOUTS[layout][1]]
+
+
+@pytest.fixture(scope="module")
+def killed_ddp(tiny_model_dir, sentiment_dir, tmp_path_factory):
+    """A DDP run killed mid-epoch; each test continues a copy of it."""
+    out = tmp_path_factory.mktemp("killed") / "ddp"
+    kill_after_first_checkpoint(
+        torchrun_command(2, *resumable_args("ddp", tiny_model_dir, sentiment_dir),
+                         "--output-dir", str(out)), out)
+    return out
+
+
+@pytest.mark.parametrize("layout", [
+    "ddp", pytest.param("gpipe", marks=NEEDS_PIPELINING)])
+def test_killed_torchrun_run_resumes_to_the_unbroken_run(layout, killed_ddp, tiny_model_dir,
+                                                         sentiment_dir, tmp_path):
+    nproc, data = LAYOUTS[layout][0], resumable_args(layout, tiny_model_dir, sentiment_dir)
+    unbroken = torchrun(nproc, *data, "--output-dir", str(tmp_path / "unbroken"))
+    assert unbroken.returncode == 0, unbroken.stderr[-3000:]
+    out = tmp_path / "killed"
+    if layout == "ddp":
+        shutil.copytree(killed_ddp, out)
+    else:
+        kill_after_first_checkpoint(torchrun_command(nproc, *data, "--output-dir", str(out)), out)
+    resumed = torchrun(nproc, "--resume", str(out))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    curve, expected = read(out, "loss_curve.json"), read(tmp_path / "unbroken", "loss_curve.json")
+    assert [step for step, _ in curve] == [step for step, _ in expected] == list(range(1, 101))
+    assert [loss for _, loss in curve] == pytest.approx([loss for _, loss in expected], rel=1e-6)
+    a, b = load_file(out / "model" / "model.safetensors"), \
+        load_file(tmp_path / "unbroken" / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
+
+
+def test_a_resume_with_another_process_count_is_refused_with_the_command_that_works(
+        killed_ddp, tmp_path):
+    """A torchrun run resumed by one process would cut each saved step to that process's
+    share (issue 32): refused, naming the torchrun command."""
+    out = tmp_path / "ddp"
+    shutil.copytree(killed_ddp, out)
+    alone = subprocess.run([sys.executable, str(ROOT / "finetune_electra.py"), "--resume", str(out)],
+                           capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 2, alone.stderr[-3000:]
+    assert "was written by 2 process(es), this run has 1: resume it as it ran, with torchrun " \
+           f"--nproc-per-node 2 {ROOT / 'finetune_electra.py'} --resume {out}" in alone.stderr
