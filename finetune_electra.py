@@ -9,7 +9,7 @@ iterations and output (anchor) modes; on CUDA or CPU, the same recipe in plain P
     python finetune_electra.py                        # the tutorial's recipe
     python finetune_electra.py --model DIR --dataset DIR --train-samples 2000
 
-Part one, up to the banner "Part two" at line 447, is the tutorial in its order:
+Part one, up to the banner "Part two" at line 451, is the tutorial in its order:
     1. Data: IMDB, tokenized           3. Pipeline stages: which layer on which IPU
     2. Model: ELECTRA, a new head      4. The IPU flow, in one function: finetune_on_ipus()
     5. finetune() and main(): what runs, and on which device
@@ -388,15 +388,17 @@ def finetune(args, device, ranks):
     on_ipu = args.device == "ipu"
     say = one_voice(ranks)  # rank 0 speaks for all
     padding = choose_padding(args, static=on_ipu or ranks.stages > 1)
-    with run_directory(args, ranks, say) as out_dir:  # this run's alone, locked
-        seed_everything(args.seed)
-        with main_process_first(ranks):  # rank 0 fills the datasets cache, the others read it
-            data, model, tokenizer = load_data_and_model(args, padding, say, eager_attention=on_ipu)
-        if ranks.enabled:  # same initial weights everywhere, but each rank its own dropout masks
-            torch.manual_seed(args.seed + ranks.rank)
-        plan = plan_stages(model, args.stages if on_ipu else ranks.stages)  # torchrun: its stages
+    check_output_dir(args)  # in use, or holding another run: refused before any loading
+    seed_everything(args.seed)
+    with main_process_first(ranks):  # rank 0 fills the datasets cache, the others read it
+        data, model, tokenizer = load_data_and_model(args, padding, say, eager_attention=on_ipu)
+    if ranks.enabled:  # same initial weights everywhere, but each rank its own dropout masks
+        torch.manual_seed(args.seed + ranks.rank)
+    plan = plan_stages(model, args.stages if on_ipu else ranks.stages)  # torchrun: its stages
 
-        run = Run(args, out_dir, ranks, data, padding, model, say)
+    # Only now the output directory: a start that fails above leaves nothing behind.
+    with run_directory(args, ranks, say) as out_dir:  # this run's alone, locked
+        run = Run(args, out_dir, ranks, data, padding, model, tokenizer, say)
         try:
             if on_ipu:
                 finetune_on_ipus(args, model, plan, data, run)
@@ -437,6 +439,8 @@ def cli(argv=None):
     """`python finetune_electra.py`: a problem the user can fix is one line, exit code 2."""
     try:
         main(argv)
+    except NothingToDo as done:
+        print(done)
     except FinetuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -554,7 +558,9 @@ def add_output_arguments(p):
 
     pred = p.add_argument_group("prediction (no training)")
     pred.add_argument("--predict", metavar="MODEL_DIR", default=None,
-                      help="classify TEXTS (or --predict-file) with a fine-tuned model")
+                      help="classify TEXTS (or --predict-file) with a fine-tuned model: "
+                      "<output-dir>/model, a checkpoint, or the output directory (its model, "
+                      "else its newest checkpoint)")
     pred.add_argument("--predict-file", default=None, help="one text per line")
     pred.add_argument("texts", nargs="*", help="texts to classify with --predict")
 
@@ -563,10 +569,10 @@ def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.resume:
-        # Continue with the arguments the run was started with; anything given
-        # again on this command line wins.
+        # Continue with the run's settings as last asked (args.json and what each resume
+        # changed); anything given again on this command line wins.
         args.resume = resolve_resume_dir(args.resume)
-        saved = read_json(args.resume / "args.json")
+        saved = run_settings(args.resume)
         parser.set_defaults(**{k: v for k, v in saved.items() if k not in NOT_RESUMED})
         resumed = parser.parse_args(argv)
         if resumed.model != saved["model"]:
@@ -578,6 +584,7 @@ def parse_args(argv=None):
         resumed.resume, resumed.output_dir = args.resume, str(args.resume)
         resumed.changes = resume_changes(saved, resumed)
         args = resumed
+        refuse_finished_resume(args)
     check_ranges(args)
     if (args.texts or args.predict_file) and not args.predict:
         raise FinetuneError("texts to classify (or --predict-file) need --predict MODEL_DIR")
@@ -590,6 +597,38 @@ NOT_RESUMED = ("resume", "texts", "overwrite", "output_dir")
 FIXED_ON_RESUME = ("model", "dataset", "text_column", "label_column", "label_names",
                    "train_samples", "eval_samples", "max_length", "padding", "max_per_row",
                    "batch_size", "gradient_accumulation", "stages", "replicas", "seed")
+
+
+def run_settings(out_dir):
+    """A run's settings as last asked: args.json (how it started) with each resume's
+    changes (resumes.jsonl) applied in order."""
+    settings = read_json(out_dir / "args.json")
+    if (out_dir / "resumes.jsonl").is_file():
+        for line in read_text(out_dir / "resumes.jsonl").splitlines():
+            try:
+                changed = json.loads(line)["changed"]
+            except (ValueError, KeyError, TypeError):
+                raise FinetuneError(f"{out_dir / 'resumes.jsonl'} is damaged (a line is not a "
+                                    "resume record)") from None
+            settings.update({k: new for k, (_, new) in changed.items()})
+    return settings
+
+
+def epochs_done(out_dir):
+    """The metrics of the epochs a run has finished (an unreadable file: none)."""
+    try:
+        return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    except (OSError, ValueError):
+        return []
+
+
+def refuse_finished_resume(args):
+    """--resume of a run that has every asked epoch and its model: nothing on disk changes."""
+    metrics = epochs_done(args.resume)
+    if is_finished(args.resume, args.epochs):
+        raise NothingToDo(f"{args.resume} holds a finished run ({len(metrics)} of {args.epochs} "
+                          f"epochs, accuracy {metrics[-1]['accuracy']:.3f}): nothing to resume; "
+                          f"pass --epochs {len(metrics) + 1} to train one more epoch")
 
 
 def resume_changes(saved, args):
@@ -835,8 +874,7 @@ class DirectoryLock:
             self.file.seek(0)
             holder = self.file.read().strip() or "another process"
             self.file.close()
-            raise FinetuneError(f"{out_dir} is in use by {holder}: wait for that run to end, or "
-                                "use another --output-dir") from None
+            raise in_use(out_dir, holder) from None
         self.file.seek(0)
         left = self.file.read().strip()
         if left:
@@ -849,6 +887,24 @@ class DirectoryLock:
     def release(self):
         self.file.truncate(0)  # a run that ends cleanly leaves no stale lock
         self.file.close()      # and closing drops the flock
+
+
+def lock_holder(out_dir):
+    """Who holds the directory's lock now (its text), or None; takes nothing."""
+    try:
+        with open(out_dir / ".lock") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return f.read().strip() or "another process"
+    except OSError:  # no lock file: no run there yet
+        pass
+    return None
+
+
+def in_use(out_dir, holder):
+    return FinetuneError(f"{out_dir} is in use by {holder}: wait for that run to end, or use "
+                         "another --output-dir")
 
 
 RUN_FILES = ("args.json", "resumes.jsonl", "metrics.jsonl", "loss_curve.json", "curves.png",
@@ -868,10 +924,7 @@ def claim_output_dir(out_dir, args, say):
             f.write(json.dumps({"when": f"{datetime.now():%Y-%m-%d %H:%M:%S}",
                                 "changed": args.changes}) + "\n")
         return
-    held = describe_run(out_dir)
-    if held and not args.overwrite:
-        raise FinetuneError(f"--output-dir {out_dir} holds {held}: continue it with --resume "
-                            f"{out_dir}, or pass a new --output-dir (--overwrite replaces it)")
+    held = refuse_held_run(args, out_dir)
     if held:
         set_aside(out_dir)
         say(f"--overwrite: the run in {out_dir} is kept in {out_dir / OVERWRITTEN} until this "
@@ -881,32 +934,52 @@ def claim_output_dir(out_dir, args, say):
     (out_dir / "args.json").write_text(json.dumps(saved, indent=2))
 
 
+def check_output_dir(args):
+    """Before minutes of loading: a directory in use, or holding another run, is refused
+    now (and again when the run takes it, under its lock)."""
+    if args.output_dir:
+        out_dir = Path(args.output_dir)
+        holder = lock_holder(out_dir)
+        if holder:
+            raise in_use(out_dir, holder)
+        if not args.resume:
+            refuse_held_run(args, out_dir)
+
+
+def refuse_held_run(args, out_dir):
+    """A new run in a directory that holds a run is refused, unless --overwrite; returns
+    what the directory holds (None: nothing to keep)."""
+    held = describe_run(out_dir)
+    if held and not args.overwrite:
+        raise FinetuneError(f"--output-dir {out_dir} holds {held}: continue it with --resume "
+                            f"{out_dir}, or pass a new --output-dir (--overwrite replaces it)")
+    return held
+
+
 def describe_run(out_dir):
     """What a directory holds, in a few words, or None if it holds nothing to keep (a
     run that stopped before its first epoch or checkpoint leaves only its args.json)."""
     if (out_dir / OVERWRITTEN).exists():
         return (f"in {OVERWRITTEN} a run that --overwrite set aside "
                 f"({describe_run(out_dir / OVERWRITTEN)}), whose replacement stopped before "
-                "its first checkpoint")
+                "its first checkpoint (--resume puts that run back)")
     if not (out_dir / "args.json").is_file():
         return None
-    try:
-        metrics = [json.loads(line) for line in
-                   (out_dir / "metrics.jsonl").read_text().splitlines()]
-    except (OSError, ValueError):
-        metrics = []
-    checkpoints = list_checkpoints(out_dir)
+    metrics, checkpoints = epochs_done(out_dir), list_checkpoints(out_dir)
     if not (metrics or checkpoints or (out_dir / "model").is_dir()):
         return None
-    try:
-        epochs = read_json(out_dir / "args.json").get("epochs")
-    except (FinetuneError, AttributeError):  # damaged: still a run's
-        epochs = "?"
-    if len(metrics) == epochs and (out_dir / "model").is_dir():
+    epochs = settings_or_none(out_dir).get("epochs", "?")
+    if is_finished(out_dir, epochs):
         return (f"a finished run: {epochs} epoch{'s' if epochs > 1 else ''}, accuracy "
                 f"{metrics[-1]['accuracy']:.3f}")
     newest = f"newest checkpoint {checkpoints[-1].name}" if checkpoints else "no checkpoint"
     return f"an unfinished run: {len(metrics)} of {epochs} epochs done, {newest}"
+
+
+def is_finished(out_dir, epochs):
+    """All its epochs done (as last asked) and its model saved."""
+    return (isinstance(epochs, int) and len(epochs_done(out_dir)) >= epochs
+            and (out_dir / "model").is_dir())
 
 
 def set_aside(out_dir):
@@ -1044,10 +1117,22 @@ def select_splits(raw, text_column, label_column):
                                 f"{', '.join(ds.column_names)} (use --text-column/--label-column)")
         if len(ds) == 0:
             raise FinetuneError(f"the {split} split is empty")
+        check_text_column(ds, text_column, split)
         if ds.data.column(text_column).null_count or ds.data.column(label_column).null_count:
             raise FinetuneError(f"the {split} split has empty (null) values in "
                                 f"{text_column!r} or {label_column!r}")
     return splits
+
+
+def check_text_column(ds, text_column, split):
+    """The tokenizer takes text only: another column fails deep inside it, mid-map."""
+    feature = ds.features[text_column]
+    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+        kind = feature.dtype if isinstance(feature, datasets.Value) else type(feature).__name__
+        texts = [name for name, f in ds.features.items() if isinstance(f, datasets.Value)
+                 and f.dtype in ("string", "large_string")]
+        raise FinetuneError(f"--text-column {text_column}: in the {split} split it holds {kind}, "
+                            "not text; columns of text: " + (", ".join(texts) or "none"))
 
 
 def encode_labels(splits, label_column, label_names=None):
@@ -1547,9 +1632,9 @@ def new_state():
 class Run:
     """One fine-tuning run's bookkeeping, the same for the IPU and the CUDA/CPU flow."""
 
-    def __init__(self, args, out_dir, ranks, data, padding, model, say):
+    def __init__(self, args, out_dir, ranks, data, padding, model, tokenizer, say):
         self.args, self.out_dir, self.ranks, self.data = args, out_dir, ranks, data
-        self.padding, self.model, self.say = padding, model, say
+        self.padding, self.model, self.tokenizer, self.say = padding, model, tokenizer, say
         self.state = new_state()
         self.saving = None  # a TrainedState when this flow checkpoints
         self.mid_epoch = False  # whether the host has the current weights mid-epoch
@@ -1565,7 +1650,7 @@ class Run:
         """What checkpoints hold from now on; mid_epoch: the host has the current weights
         between epochs too, so --save-every and a stop request can save them. stage: a
         torchrun pipeline's (stage module, prefix of the model's names in it)."""
-        self.saving = TrainedState(model, optimizer, self.ranks, stage)
+        self.saving = TrainedState(model, optimizer, self.ranks, stage, self.tokenizer)
         self.mid_epoch = mid_epoch
 
     def resume_if_asked(self):
@@ -1921,9 +2006,9 @@ class TrainedState:
     torchrun pipelines each stage holds its part of them: replica 0's are kept) and every
     rank's random state, so that each rank continues as if never stopped."""
 
-    def __init__(self, model, optimizer, ranks=None, stage=None):
+    def __init__(self, model, optimizer, ranks=None, stage=None, tokenizer=None):
         self.model, self.optimizer, self.stage = model, optimizer, stage  # stage: pipelines
-        self.ranks = ranks or Ranks()
+        self.ranks, self.tokenizer = ranks or Ranks(), tokenizer
 
     def _weights(self):
         if self.stage is None:
@@ -1973,7 +2058,7 @@ class TrainedState:
                  "processes_per_node": int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world))}
         if optimizers:
             saved["optimizer"] = optimizers["0"] if self.stage is None else {"stages": optimizers}
-        return weights, tensors, saved
+        return weights, tensors, saved, (self.model.config, self.tokenizer)
 
     def restore(self, weights, tensors, saved):
         """This rank's share of a checkpoint (`saved`: its state.json) into its model,
@@ -2022,8 +2107,14 @@ def save_checkpoint(out_dir, snapshot, state, keep):
 
 
 def write_checkpoint_files(folder, snapshot, state):
-    weights, tensors, saved = snapshot
-    save_file({k: v.contiguous() for k, v in weights.items()}, folder / "model.safetensors")
+    """The weights with the config and tokenizer are a model directory, as save_pretrained
+    writes one: --predict and --model take a checkpoint of an unfinished run."""
+    weights, tensors, saved, (config, tokenizer) = snapshot
+    save_file({k: v.contiguous() for k, v in weights.items()}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
     save_file(tensors, folder / "optimizer.safetensors")
     (folder / "state.json").write_text(json.dumps({**state, **saved}))
     write_checksums(folder)
@@ -2112,17 +2203,51 @@ def resume_command(out_dir, processes=1, per_node=None):
 
 
 def resolve_resume_dir(value):
-    if value == "auto":
-        runs = sorted((d for d in Path("runs").glob("*") if list_checkpoints(d)),
-                      key=lambda d: list_checkpoints(d)[-1].stat().st_mtime)
-        if not runs:
-            raise FinetuneError("--resume auto: no run with a checkpoint under runs/")
-        value = runs[-1]
-    path = Path(value)
+    path = newest_unfinished_run() if value == "auto" else Path(value)
+    if (path / OVERWRITTEN).is_dir() and not list_checkpoints(path):
+        put_back(path)
     if not (path / "args.json").is_file() or not list_checkpoints(path):
         raise FinetuneError(f"--resume {path}: no checkpoint there (expected args.json "
                             "and checkpoints/step-*)")
     return path
+
+
+def newest_unfinished_run():
+    """--resume auto: of the runs under runs/ with a checkpoint, the newest not finished."""
+    runs = sorted((d for d in Path("runs").glob("*") if list_checkpoints(d)),
+                  key=lambda d: list_checkpoints(d)[-1].stat().st_mtime)
+    if not runs:
+        raise FinetuneError("--resume auto: no run with a checkpoint under runs/")
+    unfinished = [d for d in runs if not is_finished(d, settings_or_none(d).get("epochs"))]
+    if not unfinished:
+        raise NothingToDo(f"--resume auto: every run under runs/ is finished; the newest is "
+                          f"{runs[-1]} ({describe_run(runs[-1])})")
+    return unfinished[-1]
+
+
+def settings_or_none(out_dir):
+    try:
+        settings = run_settings(out_dir)
+    except FinetuneError:  # damaged: a run all the same, whose settings are unknown
+        return {}
+    return settings if isinstance(settings, dict) else {}
+
+
+def put_back(out_dir):
+    """--resume of a directory whose --overwrite replacement stopped before its first
+    checkpoint: the run that was set aside comes back, and the replacement's files go."""
+    kept, lock = out_dir / OVERWRITTEN, DirectoryLock(out_dir, print)  # not while one runs
+    try:
+        for name in RUN_FILES:
+            path = out_dir / name
+            if path.exists():
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if (kept / name).exists():
+                os.rename(kept / name, path)
+        shutil.rmtree(kept)
+    finally:
+        lock.release()
+    print(f"put back the run that --overwrite had set aside in {kept} ({describe_run(out_dir)})")
 
 
 # ----------------------------------------------------------------------------
@@ -2717,11 +2842,23 @@ def predict_texts(args):
     return results
 
 
+def model_to_predict_with(path):
+    """--predict PATH: a saved model, a checkpoint (a model directory too), or a run's
+    output directory: its model, else (an unfinished run) its newest checkpoint."""
+    path = Path(path)
+    if not (path / "config.json").is_file() and (path / "args.json").is_file():
+        path = path / "model" if (path / "model").is_dir() else (list_checkpoints(path) or
+                                                                   [path])[-1]
+    if not (path / "config.json").is_file():
+        raise FinetuneError(f"--predict {path}: not a saved model (no config.json); use "
+                            "<output-dir>/model from a training run, one of its "
+                            "<output-dir>/checkpoints/step-*, or the output directory")
+    return path
+
+
 @torch.inference_mode()
 def predict(model_dir, texts, max_length=512, batch_size=32):
-    if not (Path(model_dir) / "config.json").is_file():
-        raise FinetuneError(f"--predict {model_dir}: not a saved model (no config.json); "
-                            "use <output-dir>/model from a training run")
+    model_dir = model_to_predict_with(model_dir)
     if not texts:
         raise FinetuneError("--predict: give texts to classify, or --predict-file")
     check_model_dir(Path(model_dir))
@@ -2753,6 +2890,10 @@ def read_lines(path):
 
 class FinetuneError(Exception):
     """A problem the user can fix: printed as one line, without a traceback."""
+
+
+class NothingToDo(FinetuneError):
+    """Not an error: what was asked is done already. One line, exit code 0."""
 
 
 def read_text(path, flag=None):

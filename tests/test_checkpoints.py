@@ -96,7 +96,7 @@ def test_a_checkpoint_killed_mid_write_leaves_the_previous_one(unbroken, monkeyp
     optimizer = torch.optim.AdamW(model.parameters())
     state, _ = fe.load_checkpoint(out, fe.TrainedState(model, optimizer))
 
-    def dies_mid_write(tensors, path):
+    def dies_mid_write(tensors, path, metadata=None):
         path.write_bytes(b"partial")
         raise KeyboardInterrupt  # the process is gone at this point
 
@@ -114,8 +114,10 @@ def test_keep_prunes_old_checkpoints_and_state_is_json_and_safetensors(unbroken)
     checkpoints = fe.list_checkpoints(unbroken)
     # 100 steps per epoch, --save-every 10, --keep 2: step 200 mid-epoch and at the epoch's end
     assert [c.name for c in checkpoints] == ["step-00000200", "step-00000200-end"]
+    # a model directory too (config and tokenizer): --predict takes a checkpoint (issue 31)
     assert sorted(p.name for p in checkpoints[-1].iterdir()) == [
-        "checksums.json", "model.safetensors", "optimizer.safetensors", "state.json"]
+        "checksums.json", "config.json", "model.safetensors", "optimizer.safetensors",
+        "state.json", "tokenizer.json", "tokenizer_config.json"]
     state = json.loads((checkpoints[-1] / "state.json").read_text())
     assert state["epoch"] == 2 and state["step"] == 0 and len(state["metrics"]) == 2
     optimizer_tensors = load_file(checkpoints[-1] / "optimizer.safetensors")

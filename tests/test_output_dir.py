@@ -130,22 +130,52 @@ def test_resume_allows_epochs_and_lr_says_so_and_keeps_the_record(run_dir, capsy
     assert resume["changed"] == {"epochs": [1, 2], "lr": [0.001, 0.0005]} and resume["when"]
 
 
+def killed_before_its_first_checkpoint(argv, out):
+    """A real run, kill -9'd once it has claimed `out` and before its first checkpoint."""
+    proc = start(argv)
+    wait_for(lambda: not (out / "metrics.jsonl").exists() and (out / "args.json").exists()
+             and json.loads((out / "args.json").read_text())["epochs"] == 40, proc)
+    proc.kill()
+    proc.wait()
+    assert not fe.list_checkpoints(out)
+
+
 def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(
         run_dir, tiny_model_dir, sentiment_dir, capsys):
     before = snapshot(run_dir)
-    # a replacement that stops before its first checkpoint: the old run is still there
+    # a start that fails before the run claims the directory touches nothing
     cli_error(capsys, run_args(tiny_model_dir, sentiment_dir, run_dir, "--overwrite",
                                "--max-length", "4096"))
+    assert snapshot(run_dir) == before and not (run_dir / fe.OVERWRITTEN).exists()
+    # a replacement killed before its first checkpoint: the old run is still there
+    killed_before_its_first_checkpoint(
+        run_args(tiny_model_dir, sentiment_dir, run_dir, "--overwrite", "--epochs", "40"), run_dir)
     assert snapshot(run_dir / fe.OVERWRITTEN) == before
     error = cli_error(capsys, run_args(tiny_model_dir, sentiment_dir, run_dir))
     assert (f"holds in .overwritten a run that --overwrite set aside (a finished run: 1 epoch, "
             f"accuracy {json.loads(before['metrics.jsonl'])['accuracy']:.3f}), whose "
-            "replacement stopped before its first checkpoint") in error
+            "replacement stopped before its first checkpoint (--resume puts that run back)") in error
     # a replacement that gets to its first checkpoint: the old run goes
     metrics = fe.main(run_args(tiny_model_dir, sentiment_dir, run_dir, "--overwrite",
                                "--epochs", "1", "--lr", "5e-4"))
     assert not (run_dir / fe.OVERWRITTEN).exists() and len(metrics) == 1
     assert json.loads((run_dir / "args.json").read_text())["lr"] == 5e-4
+
+
+def test_resume_puts_back_the_run_a_killed_overwrite_set_aside(
+        run_dir, tiny_model_dir, sentiment_dir, capsys):
+    """Issue 31: the message advised --resume DIR, which said 'no checkpoint there'."""
+    before = snapshot(run_dir)
+    killed_before_its_first_checkpoint(
+        run_args(tiny_model_dir, sentiment_dir, run_dir, "--overwrite", "--epochs", "40"), run_dir)
+    error = cli_error(capsys, run_args(tiny_model_dir, sentiment_dir, run_dir))
+    assert f"continue it with --resume {run_dir}" in error  # the advice this test follows
+    assert fe.cli(["--resume", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert f"put back the run that --overwrite had set aside in {run_dir / fe.OVERWRITTEN}" in out
+    assert f"{run_dir} holds a finished run (1 of 1 epochs, accuracy" in out  # nothing to resume
+    assert snapshot(run_dir) == before and not (run_dir / fe.OVERWRITTEN).exists()
+    assert fe.cli(["--predict", str(run_dir / "model"), "a wonderful film"]) == 0
 
 
 def test_overwrite_and_resume_together_are_one_error_line(run_dir, capsys):
