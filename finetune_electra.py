@@ -9,7 +9,7 @@ iterations and output (anchor) modes; on CUDA or CPU, the same recipe in plain P
     python finetune_electra.py                        # the tutorial's recipe
     python finetune_electra.py --model DIR --dataset DIR --train-samples 2000
 
-Part one, up to the banner "Part two" at line 451, is the tutorial in its order:
+Part one, up to the banner "Part two" at line 458, is the tutorial in its order:
     1. Data: IMDB, tokenized           3. Pipeline stages: which layer on which IPU
     2. Model: ELECTRA, a new head      4. The IPU flow, in one function: finetune_on_ipus()
     5. finetune() and main(): what runs, and on which device
@@ -166,9 +166,11 @@ def layer_stages(num_layers, stages):
     if stages == 1:
         return [0] * num_layers
     if stages - 1 > num_layers:
+        most = num_layers + 1
         raise FinetuneError(f"{stages} stages need at least {stages - 1} encoder layers "
                             f"(one stage is the embeddings); this model has {num_layers}: "
-                            f"use --ipus {num_layers + 1} or fewer")
+                            f"use --ipus {most} or fewer (on IPUs a power of two: "
+                            f"{1 << (most.bit_length() - 1)} or fewer)")
     return [1 + i * (stages - 1) // num_layers for i in range(num_layers)]
 
 
@@ -405,7 +407,9 @@ def finetune(args, device, ranks):
             else:
                 finetune_with_torch(args, device, model, plan, data, ranks, run)
         except Interrupted as why:  # Ctrl-C or SIGTERM: save, say how to resume, exit
-            run.interrupted(why)
+            run.interrupted(why.signum)
+        except StopNow as why:  # a second one: stop at once (the checkpoints stay whole)
+            run.interrupted(why.signum, save=False)
         finally:
             run.close()
 
@@ -441,6 +445,9 @@ def cli(argv=None):
         main(argv)
     except NothingToDo as done:
         print(done)
+    except KeyboardInterrupt:  # before training began: nothing to save
+        print("stopped by SIGINT before training began", file=sys.stderr)
+        return 130
     except FinetuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -1012,9 +1019,14 @@ OFFLINE_HINT = ("no network? pass a local copy with --model PATH (a save_pretrai
 
 
 def local_path(flag, name, kind):
-    """The local `kind` that `name` names, or None for a hub name."""
+    """The local `kind` that `name` names, or None for a hub name. A hub-like name that is
+    also a local path is taken as the local one, as transformers and datasets do: said."""
     path = Path(name).expanduser()
     if path.exists():
+        if not looks_like_path(name) and int(os.environ.get("RANK", 0)) == 0:
+            print(f"note: {flag} {name} is the local {kind} {path.resolve()}, not the hub's "
+                  f"{name} (for the hub's, run from a directory without {name})",
+                  file=sys.stderr)
         return path
     if looks_like_path(name):
         raise FinetuneError(f"{flag} {name}: no such {kind}")
@@ -1663,11 +1675,14 @@ class Run:
             self.say(f"resumed from {path} (epoch {self.state['epoch'] + 1}, "
                      f"step {self.state['step']})")
 
-    def save(self):
-        snapshot = self.saving.snapshot()  # every rank's part, gathered on rank 0
-        if self.ranks.is_main:
-            save_checkpoint(self.out_dir, snapshot, self.state, self.args.keep)
-            drop_overwritten(self.out_dir)
+    def save(self, then_stop=True):
+        """A checkpoint, which a second Ctrl-C does not cut short (then_stop: it stops the
+        run once the checkpoint is written)."""
+        with self.stop.saving(then_stop) if self.stop else contextlib.nullcontext():
+            snapshot = self.saving.snapshot()  # every rank's part, gathered on rank 0
+            if self.ranks.is_main:
+                save_checkpoint(self.out_dir, snapshot, self.state, self.args.keep)
+                drop_overwritten(self.out_dir)
         if self.ranks.enabled:
             dist.barrier()
         return list_checkpoints(self.out_dir)[-1]
@@ -1767,7 +1782,7 @@ class Run:
                 self.last = time.perf_counter()
         self.bar.update(iterations)
         if self.stop.requested(self.ranks):
-            raise Interrupted(self.stop.signal or "another rank's signal")
+            raise Interrupted(self.stop.signal)
 
     def end_epoch(self, accuracy, eval_seconds):
         state = self.state
@@ -1795,14 +1810,18 @@ class Run:
         if self.saving:
             self.save()
 
-    def interrupted(self, why):
-        path = self.save() if self.mid_epoch else (list_checkpoints(self.out_dir) or ["none"])[-1]
+    def interrupted(self, signum, save=True):
+        """Save (unless a second signal asked to stop at once), say how to resume, and exit
+        as a process ended by that signal does: 128 + its number (SIGINT 130, SIGTERM 143)."""
+        newest = (list_checkpoints(self.out_dir) or ["none"])[-1]
+        path = self.save(then_stop=False) if save and self.mid_epoch else newest
         self.close()
-        self.say(f"\nstopped by {why} at epoch {self.state['epoch'] + 1}, step "
-                 f"{self.state['step']}; checkpoint: {path}\n"
+        how = "" if save else " (a second one: at once, without saving)"
+        self.say(f"\nstopped by {signal.Signals(signum).name}{how} at epoch "
+                 f"{self.state['epoch'] + 1}, step {self.state['step']}; checkpoint: {path}\n"
                  f"resume with: " + resume_command(self.out_dir, self.ranks.world, int(
                      os.environ.get("LOCAL_WORLD_SIZE", self.ranks.world))))
-        raise SystemExit(130) from None
+        raise SystemExit(128 + signum) from None
 
     def close(self):
         if self.bar is not None:
@@ -1815,11 +1834,12 @@ class Run:
 class StopRequest:
     """Ctrl-C or SIGTERM: finish the current step, save, and exit cleanly.
 
-    A second Ctrl-C interrupts at once.
+    A second one stops at once, but never inside a save: a checkpoint, once begun, is
+    written whole first. Signals are kept by number (the exit code is 128 + it).
     """
 
     def __init__(self):
-        self.signal = None
+        self.signal, self.in_save, self.deferred = None, False, False
         self.previous = {sig: signal.signal(sig, self.handle)
                          for sig in (signal.SIGINT, signal.SIGTERM)}
 
@@ -1828,21 +1848,48 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def handle(self, signum, frame):
-        if self.signal is not None:
-            raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
+        if self.signal is None:
+            self.signal = signum
+        elif self.in_save:
+            self.deferred = True
+        else:
+            raise StopNow(signum)
+
+    @contextlib.contextmanager
+    def saving(self, then_stop):
+        self.in_save = True
+        try:
+            yield
+        finally:
+            self.in_save = False
+        if self.deferred and then_stop:
+            raise StopNow(self.signal)
 
     def requested(self, ranks):
         """Whether to stop now; under torchrun all ranks agree, so they stop at one step."""
         if not ranks.enabled:
             return self.signal is not None
-        flag = torch.tensor([self.signal is not None], dtype=torch.int32, device=ranks.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag)
+        flag = torch.tensor([self.signal or 0], dtype=torch.int32, device=ranks.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # a signal's number, on any rank
+        self.signal = self.signal or int(flag) or None
+        return self.signal is not None
 
 
 class Interrupted(Exception):
-    pass
+    """Stop at the end of this step: a Ctrl-C or SIGTERM (its number)."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class StopNow(BaseException):
+    """A second Ctrl-C or SIGTERM: stop at once. A BaseException, as KeyboardInterrupt is,
+    so that no `except Exception` on the way takes it for an error of its own."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def stage_table(model, plan):

@@ -145,3 +145,18 @@ def cli_error(capsys, argv):
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert code == 2 and len(errors) == 1 and "Traceback" not in err
     return errors[0]
+
+
+def poisoned_forward(monkeypatch, bad_call):
+    """Make the model's loss NaN on one call."""
+    from transformers import ElectraForSequenceClassification
+    forward, calls = ElectraForSequenceClassification.forward, []
+
+    def forward_with_nan(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        calls.append(1)
+        if self.training and len(calls) == bad_call:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(ElectraForSequenceClassification, "forward", forward_with_nan)

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import finetune_electra as fe
-from conftest import cli_error, ROOT, run_args, sentiment_frame
+from conftest import cli_error, ROOT, poisoned_forward, run_args, sentiment_frame
 
 SCRIPT = str(ROOT / "finetune_electra.py")
 
@@ -176,21 +176,6 @@ def test_curves_png_is_written(unbroken):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
-def poisoned_forward(monkeypatch, bad_call):
-    """Make the model's loss NaN on one call."""
-    from transformers import ElectraForSequenceClassification
-    forward, calls = ElectraForSequenceClassification.forward, []
-
-    def forward_with_nan(self, *args, **kwargs):
-        out = forward(self, *args, **kwargs)
-        calls.append(1)
-        if self.training and len(calls) == bad_call:
-            out.loss = out.loss * float("nan")
-        return out
-
-    monkeypatch.setattr(ElectraForSequenceClassification, "forward", forward_with_nan)
-
-
 def test_nan_loss_stops_after_saving_the_last_good_weights(monkeypatch, capsys, tiny_model_dir,
                                                            sentiment_dir, tmp_path):
     poisoned_forward(monkeypatch, bad_call=5)
@@ -320,3 +305,69 @@ def test_a_resume_with_another_lr_trains_with_it(unbroken, tmp_path):
     state = json.loads((fe.list_checkpoints(out)[-1] / "state.json").read_text())
     assert state["epoch"] == 3
     assert [group["lr"] for group in state["optimizer"]["param_groups"]] == [5e-4]
+
+
+# A checkpoint write slowed to a second, so that a second Ctrl-C can land inside it; the flag
+# file says when the first save has begun.
+SLOW_SAVE = """
+import pathlib, sys, time
+sys.path.insert(0, {root!r})
+import finetune_electra as fe
+write = fe.write_checkpoint_files
+
+def slow_write(folder, *args):
+    pathlib.Path({flag!r}).write_text(folder.name)
+    time.sleep(1.0)
+    write(folder, *args)
+
+fe.write_checkpoint_files = slow_write
+sys.exit(fe.cli(sys.argv[1:]))
+"""
+
+
+def test_a_second_ctrl_c_inside_a_save_waits_for_the_checkpoint(unbroken, tiny_model_dir,
+                                                                sentiment_dir, tmp_path):
+    """Issue 32: before, the second SIGINT raised KeyboardInterrupt inside the save, left
+    only checkpoints/.step-N.tmp, and --resume said 'no checkpoint there'."""
+    out, flag = tmp_path / "run", tmp_path / "saving"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_SAVE.format(root=str(ROOT), flag=str(flag)),
+         *run_args(tiny_model_dir, sentiment_dir, out, "--batch-size", "4", "--save-every", "10")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not flag.exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)  # inside the first save: both land there
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    assert "stopped by SIGINT (a second one: at once, without saving) at epoch 1, step 10" in stdout
+    [checkpoint] = fe.list_checkpoints(out)
+    assert checkpoint.name == "step-00000010" and not fe.damaged_files(checkpoint)
+    assert not list((out / "checkpoints").glob(".*.tmp"))
+    resumed = subprocess.run([sys.executable, SCRIPT, "--resume", str(out)],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_run(unbroken, out)
+
+
+def test_two_quick_ctrl_c_in_training_stop_cleanly_and_keep_a_checkpoint(
+        unbroken, tiny_model_dir, sentiment_dir, tmp_path):
+    """20 ms apart: the second lands in a step (stop at once) or in the stop's own save
+    (written first); either way no traceback, and the run resumes to the unbroken one."""
+    out = tmp_path / "run"
+    proc = start(run_args(tiny_model_dir, sentiment_dir, out, "--batch-size", "4", "--save-every", "10"))
+    wait_for_checkpoint(proc, out)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    assert "stopped by SIGINT" in stdout and f"resume with: python {SCRIPT} --resume {out}" in stdout
+    assert all(not fe.damaged_files(c) for c in fe.list_checkpoints(out))
+    resumed = subprocess.run([sys.executable, SCRIPT, "--resume", str(out)],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_run(unbroken, out)

@@ -114,7 +114,7 @@ def test_more_stages_than_layers(capsys, fake_poptorch, tiny_model_dir, sentimen
     fewer layers than the default 4 stages runs there."""
     err = cli_error(capsys, run_args(tiny_model_dir, sentiment_dir, tmp_path, "--device", "ipu",
                                      "--ipus", "8"))
-    assert "8 stages need at least 7 encoder layers" in err and "use --ipus 5 or fewer" in err
+    assert "8 stages need at least 7 encoder layers" in err and "use --ipus 5 or fewer (on IPUs a power of two: 4 or fewer)" in err
 
 
 def test_ipu_without_poptorch(capsys, monkeypatch, tmp_path):
@@ -220,3 +220,16 @@ def test_a_label_only_the_eval_split_has_is_refused(capsys, tmp_path, tiny_model
     frame.to_parquet(ints / "test.parquet")
     err = cli_error(capsys, run_args(tiny_model_dir, ints, tmp_path / "out2"))
     assert "the eval split has labels the train split lacks: 2 (5 reviews)" in err
+
+
+def test_a_local_folder_named_like_the_hub_dataset_is_said_to_be_used(capsys, monkeypatch,
+                                                                       tiny_model_dir, tmp_path):
+    """Issue 32: `./imdb/` hid the hub's imdb; the error named only the folder's contents."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "imdb").mkdir()
+    code = fe.cli(["--model", str(tiny_model_dir), "--device", "cpu"])
+    assert code == 2 and capsys.readouterr().err.splitlines() == [
+        f"note: --dataset imdb is the local file or directory {tmp_path / 'imdb'}, not the "
+        "hub's imdb (for the hub's, run from a directory without imdb)",
+        "error: imdb holds no train/test .parquet/.csv/.json(l) files (names must start with "
+        "the split, e.g. train.parquet)"]

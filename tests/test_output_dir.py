@@ -89,7 +89,7 @@ def test_a_second_process_in_the_same_directory_is_refused_naming_the_first(
     assert first.poll() is None  # the first run goes on, untouched
     first.send_signal(signal.SIGTERM)
     stdout, stderr = first.communicate(timeout=120)
-    assert first.returncode == 130, stderr[-2000:]
+    assert first.returncode == 143, stderr[-2000:]  # 128 + SIGTERM, as a shell reports it
     assert (out / ".lock").read_text() == ""  # a clean end leaves no stale lock
 
 
@@ -189,3 +189,27 @@ def test_default_run_directories_never_collide(tmp_path, monkeypatch):
     assert first != second and first.is_dir() and second.is_dir()
     if first.name[:15] == second.name[:15]:  # the same second
         assert second.name == f"{first.name}-2"
+
+
+def test_resume_auto_takes_the_newest_unfinished_run(finished, tmp_path, monkeypatch, capsys):
+    """Issue 32: it took the newest run with a checkpoint, a finished one, and trained nothing."""
+    import os
+    monkeypatch.chdir(tmp_path)
+    older, newer = tmp_path / "runs" / "older", tmp_path / "runs" / "newer"
+    shutil.copytree(finished, older)
+    shutil.copytree(finished, newer)
+    shutil.rmtree(older / "model")  # older: killed in its epoch, at its mid-epoch checkpoint
+    (older / "metrics.jsonl").write_text("")
+    shutil.rmtree(fe.list_checkpoints(older)[-1])
+    for age, run in ((200, older), (100, newer)):
+        for checkpoint in fe.list_checkpoints(run):
+            os.utime(checkpoint, (time.time() - age, time.time() - age))
+    assert fe.cli(["--resume", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from runs/older/checkpoints/step-00000040 (epoch 1, step 40)" in out
+    assert len(fe.epochs_done(older)) == 1 and (older / "model").is_dir()
+    assert fe.cli(["--resume", "auto"]) == 0  # every run finished now: one line, naming the newest
+    newest = max((older, newer), key=lambda d: fe.list_checkpoints(d)[-1].stat().st_mtime)
+    assert capsys.readouterr().out.startswith(
+        f"--resume auto: every run under runs/ is finished; the newest is runs/{newest.name} "
+        "(a finished run: 1 epoch, accuracy ")

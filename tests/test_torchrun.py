@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -204,29 +205,67 @@ def killed_ddp(tiny_model_dir, sentiment_dir, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def unbroken_ddp(tiny_model_dir, sentiment_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("unbroken") / "ddp"
+    proc = torchrun(2, *resumable_args("ddp", tiny_model_dir, sentiment_dir), "--output-dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def assert_same_curve_and_weights(out, unbroken):
+    curve, expected = read(out, "loss_curve.json"), read(unbroken, "loss_curve.json")
+    assert [step for step, _ in curve] == [step for step, _ in expected] == list(range(1, 101))
+    assert [loss for _, loss in curve] == pytest.approx([loss for _, loss in expected], rel=1e-6)
+    a = load_file(out / "model" / "model.safetensors")
+    b = load_file(unbroken / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("layout", [
     "ddp", pytest.param("gpipe", marks=NEEDS_PIPELINING)])
-def test_killed_torchrun_run_resumes_to_the_unbroken_run(layout, killed_ddp, tiny_model_dir,
-                                                         sentiment_dir, tmp_path):
+def test_killed_torchrun_run_resumes_to_the_unbroken_run(layout, killed_ddp, unbroken_ddp,
+                                                         tiny_model_dir, sentiment_dir, tmp_path):
     nproc, data = LAYOUTS[layout][0], resumable_args(layout, tiny_model_dir, sentiment_dir)
-    unbroken = torchrun(nproc, *data, "--output-dir", str(tmp_path / "unbroken"))
-    assert unbroken.returncode == 0, unbroken.stderr[-3000:]
-    out = tmp_path / "killed"
+    out, unbroken = tmp_path / "killed", unbroken_ddp
     if layout == "ddp":
         shutil.copytree(killed_ddp, out)
     else:
+        unbroken = tmp_path / "unbroken"
+        proc = torchrun(nproc, *data, "--output-dir", str(unbroken))
+        assert proc.returncode == 0, proc.stderr[-3000:]
         kill_after_first_checkpoint(torchrun_command(nproc, *data, "--output-dir", str(out)), out)
     resumed = torchrun(nproc, "--resume", str(out))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
-    curve, expected = read(out, "loss_curve.json"), read(tmp_path / "unbroken", "loss_curve.json")
-    assert [step for step, _ in curve] == [step for step, _ in expected] == list(range(1, 101))
-    assert [loss for _, loss in curve] == pytest.approx([loss for _, loss in expected], rel=1e-6)
-    a, b = load_file(out / "model" / "model.safetensors"), \
-        load_file(tmp_path / "unbroken" / "model" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
+    assert_same_curve_and_weights(out, unbroken)
+
+
+def test_a_stopped_torchrun_run_prints_the_torchrun_command_that_resumes_it(
+        unbroken_ddp, tiny_model_dir, sentiment_dir, tmp_path):
+    """Issue 32: it printed `python finetune_electra.py --resume DIR`, which one process ran
+    with each saved 16-sample step cut to its first 8 samples."""
+    out = tmp_path / "ddp"
+    proc = subprocess.Popen(torchrun_command(2, *resumable_args("ddp", tiny_model_dir, sentiment_dir),
+                                             "--output-dir", str(out)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not fe.list_checkpoints(out):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)  # to torchrun, which passes it on to its workers
+    stdout, stderr = proc.communicate(timeout=120)
+    assert "stopped by SIGTERM at epoch 1, step " in stdout, stderr[-3000:]
+    command = stdout.split("resume with: ")[1].splitlines()[0]
+    script = ROOT / "finetune_electra.py"
+    assert command == f"torchrun --nproc-per-node 2 {script} --resume {out}"
+    resumed = subprocess.run([sys.executable, "-m", "torch.distributed.run",  # = torchrun
+                              *shlex.split(command)[1:]], capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_curve_and_weights(out, unbroken_ddp)
 
 
 def test_a_resume_with_another_process_count_is_refused_with_the_command_that_works(
