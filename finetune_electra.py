@@ -9,7 +9,7 @@ iterations and output (anchor) modes; on CUDA or CPU, the same recipe in plain P
     python finetune_electra.py                        # the tutorial's recipe
     python finetune_electra.py --model DIR --dataset DIR --train-samples 2000
 
-Part one, up to the banner "Part two" at line 458, is the tutorial in its order:
+Part one, up to the banner "Part two" at line 442, is the tutorial in its order:
     1. Data: IMDB, tokenized           3. Pipeline stages: which layer on which IPU
     2. Model: ELECTRA, a new head      4. The IPU flow, in one function: finetune_on_ipus()
     5. finetune() and main(): what runs, and on which device
@@ -111,7 +111,7 @@ def tokenize(ds, tokenizer, args, padding):
 # 2. Model: the pretrained ELECTRA encoder with a new classification head.
 # ----------------------------------------------------------------------------
 
-def load_model(name, label_names, eager_attention=False):
+def load_model(name, label_names, eager_attention=False, say=print):
     """The tutorial's AutoModelForSequenceClassification: the pretrained encoder, and a
     new head with one output per label. eager_attention: PopTorch has no handler for the
     scaled_dot_product_attention newer transformers pick, so IPU graphs use plain matmuls."""
@@ -119,15 +119,16 @@ def load_model(name, label_names, eager_attention=False):
     if path is not None:
         check_model_dir(path)  # a damaged or missing file named, not failed on in transformers
     attention = {"attn_implementation": "eager"} if eager_attention else {}
-    with loading("model", name):
+    with loading("model", name), quiet_transformers():  # its load report: ours instead
         tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model, loaded = AutoModelForSequenceClassification.from_pretrained(
             name, num_labels=len(label_names),
             id2label=dict(enumerate(label_names)),
             label2id={n: i for i, n in enumerate(label_names)},
             ignore_mismatched_sizes=True,  # a head fine-tuned for other labels starts afresh
-            **attention)
+            output_loading_info=True, **attention)
     check_tokenizer_fits(name, model, tokenizer)  # the model's own, not a stand-in of 5 tokens
+    say_what_is_new(model, loaded, say)
     return model, tokenizer
 
 
@@ -136,7 +137,8 @@ def load_data_and_model(args, padding, say, eager_attention):
     splits = select_splits(load_splits(args.dataset), args.text_column, args.label_column)
     label_names = encode_labels(splits, args.label_column, args.label_names)
     say("labels: " + ", ".join(f"{i}={name}" for i, name in enumerate(label_names)))
-    model, tokenizer = load_model(args.model, label_names, eager_attention)
+    model, tokenizer = load_model(args.model, label_names, eager_attention,
+                                  say=say if not args.resume else lambda *_: None)
     check_max_length(args.max_length, model, tokenizer)
     packing = packing_for(args, model, padding)  # None: a review per row, as the tutorial
     # "max_length" where shapes are static, as the tutorial; else batches pad as they are made.
@@ -347,13 +349,13 @@ def finetune_on_ipus(args, model, plan, data, run):
     # Checkpoints: the host's weights and PopTorch's optimizer state; --resume loads them here.
     run.save_checkpoints_of(model, optimizer, mid_epoch=False)
     run.resume_if_asked()
-    run.start(iterations_per_epoch=len(train_loader) + len(eval_loader),
-              steps_per_epoch=len(train_loader) * args.device_iterations,
+    run.start(steps_per_epoch=len(train_loader) * args.device_iterations,
+              eval_batches=len(eval_loader),
               step_rows=step_rows, accumulation=accumulation,
               device=(f"IPU, {args.stages} pipeline stages x {args.replicas} replica(s) = "
                       f"{args.stages * args.replicas} IPUs"),
               extra={"device iterations": f"{args.device_iterations} optimizer steps per call",
-                     "host batch": f"{host_batch} {data.unit}",
+                     "host batch": counted(host_batch, data.unit),
                      "executable cache": args.executable_cache})
     for epoch in run.epochs():
         data.pack_epoch(epoch)
@@ -375,8 +377,7 @@ def finetune_on_ipus(args, model, plan, data, run):
         inference_model.detachFromDevice()
         predicted = review_predictions(torch.cat(predictions).numpy(), eval_reviews, len(data.eval))
         accuracy = accuracy_score(data.eval_labels, predicted)
-        tqdm.write(f"Accuracy: {accuracy:.3f}")
-        run.end_epoch(accuracy, time.perf_counter() - start)
+        run.end_epoch(accuracy, time.perf_counter() - start)  # prints "Accuracy: 0.xxx" ...
 
 
 # ----------------------------------------------------------------------------
@@ -406,10 +407,8 @@ def finetune(args, device, ranks):
                 finetune_on_ipus(args, model, plan, data, run)
             else:
                 finetune_with_torch(args, device, model, plan, data, ranks, run)
-        except Interrupted as why:  # Ctrl-C or SIGTERM: save, say how to resume, exit
-            run.interrupted(why.signum)
-        except StopNow as why:  # a second one: stop at once (the checkpoints stay whole)
-            run.interrupted(why.signum, save=False)
+        except (Interrupted, StopNow) as why:  # Ctrl-C, SIGTERM: save (a second: don't), exit
+            run.interrupted(why.signum, save=isinstance(why, Interrupted))
         finally:
             run.close()
 
@@ -439,21 +438,6 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
-def cli(argv=None):
-    """`python finetune_electra.py`: a problem the user can fix is one line, exit code 2."""
-    try:
-        main(argv)
-    except NothingToDo as done:
-        print(done)
-    except KeyboardInterrupt:  # before training began: nothing to save
-        print("stopped by SIGINT before training began", file=sys.stderr)
-        return 130
-    except FinetuneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
 # ============================================================================
 # Part two: beyond the tutorial
 #
@@ -475,19 +459,30 @@ class ArgumentParser(argparse.ArgumentParser):
         raise FinetuneError(message)
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Each flag's default after its help, once: not where the help says it (or None)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
 def build_parser():
     p = ArgumentParser(
         description="Fine-tune ELECTRA (or any BERT-family model) for text classification, "
         "as in Graphcore's tutorial, on IPU, CUDA or CPU.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsHelpFormatter)
     data = p.add_argument_group("data")
     data.add_argument("--model", default="google/electra-small-generator",
                       help="hub name or a directory saved with save_pretrained")
     data.add_argument("--dataset", default="imdb",
                       help="hub name, a save_to_disk directory, a directory of "
                       "train/test parquet|csv|json(l) files, or the aclImdb folder")
-    data.add_argument("--text-column", default="text")
-    data.add_argument("--label-column", default="label")
+    data.add_argument("--text-column", default="text", help="the column holding the texts")
+    data.add_argument("--label-column", default="label",
+                      help="the column holding the labels (integers or text)")
     data.add_argument("--label-names", default=None,
                       help="comma-separated names for integer labels 0,1,... (e.g. neg,pos); "
                       "for text labels, the order of their ids (exactly the labels found)")
@@ -508,7 +503,7 @@ def build_parser():
                       help="evaluate on a random subset of this size (seeded)")
 
     train = p.add_argument_group("training")
-    train.add_argument("--epochs", type=int, default=3)
+    train.add_argument("--epochs", type=int, default=3, help="passes over the train split")
     train.add_argument("--batch-size", type=int, default=4, help="samples per micro-batch")
     train.add_argument("--eval-batch-size", type=int, default=None,
                        help="default: batch size x device iterations, the tutorial's "
@@ -517,7 +512,8 @@ def build_parser():
     train.add_argument("--gradient-accumulation", type=int, default=None,
                        help="micro-batches per optimizer step (default: 2 x stages - 1 on "
                        "pipelined IPUs, as PopTorch requires since SDK 2.4; 1 elsewhere)")
-    train.add_argument("--seed", type=int, default=42)
+    train.add_argument("--seed", type=int, default=42,
+                       help="seeds the head's initial weights, the shuffles and dropout")
     train.add_argument("--device", choices=["auto", "ipu", "cuda", "cpu"], default="auto",
                        help="auto: ipu if PopTorch imports, else cuda if available, else cpu")
     train.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA/CPU)")
@@ -1184,12 +1180,6 @@ def encode_labels(splits, label_column, label_names=None):
     return names
 
 
-# What a tokenizer is saved as (save_pretrained writes one or more of them). Without
-# any, AutoTokenizer quietly builds one that knows only the special tokens.
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model",
-                   "sentencepiece.bpe.model", "tokenizer.model")
-
-
 def check_eval_labels_trained(splits, label_column, names, text_labels):
     """A label that only the eval split has would make a class the model never trains on,
     and every review of it a certain miss: refused rather than silently counted."""
@@ -1203,6 +1193,12 @@ def check_eval_labels_trained(splits, label_column, names, text_labels):
         raise FinetuneError(f"the eval split has labels the train split lacks: {described}; "
                             "a model cannot learn a label it never sees: remove those reviews "
                             "or add training examples of them")
+
+
+# What a tokenizer is saved as (save_pretrained writes one or more of them). Without
+# any, AutoTokenizer quietly builds one that knows only the special tokens.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.model")
 
 
 def check_model_dir(path):
@@ -1243,13 +1239,61 @@ def check_tokenizer_fits(name, model, tokenizer):
 def loading(what, name):
     """A model or dataset that does not load, as one line naming it; from the hub, with
     how to run without one. The hub client and the loaders raise many kinds of error."""
+    local = Path(name).expanduser().exists()
+    if not local:
+        reach_hub(what, name)  # seconds, not the hub client's minute of retries
     try:
         yield
     except Exception as exc:
-        local = Path(name).expanduser().exists()
         where = f"directory {name}" if local else f"'{name}' from the Hugging Face Hub"
         hint = "" if local else f"; {OFFLINE_HINT}"
         raise FinetuneError(f"could not load {what} {where} ({first_line(exc)}){hint}") from None
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' warnings off while loading: its load report (a table listing the new
+    head's weights as MISSING) reads like an error on every start; say_what_is_new says it."""
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
+def say_what_is_new(model, loaded, say):
+    """One line for the new head, which fine-tuning expects; a warning for anything else
+    the checkpoint lacked (a missing encoder weight is not expected)."""
+    new = sorted(set(loaded["missing_keys"]) |
+                 {k if isinstance(k, str) else k[0] for k in loaded["mismatched_keys"]})
+    encoder = model.base_model_prefix + "."
+    head = sorted({k.split(".")[0] + ".*" for k in new if not k.startswith(encoder)})
+    others = [k for k in new if k.startswith(encoder)]
+    if head:
+        say(f"new classification head: {', '.join(head)} ({model.config.num_labels} labels), "
+            "initialised randomly")
+    if others:
+        say(f"warning: {len(others)} weights of the encoder are not in the checkpoint and were "
+            f"initialised randomly: {', '.join(others[:5])}" + (" ..." if len(others) > 5 else ""))
+
+
+def reach_hub(what, name, timeout=3.0):
+    """One connection to the hub first: unreachable, that is one line at once. Skipped in
+    offline mode (HF_HUB_OFFLINE), where the libraries read their cache instead."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return
+    from huggingface_hub.constants import ENDPOINT
+    from urllib.parse import urlsplit
+    url = urlsplit(ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as exc:
+        raise FinetuneError(f"could not load {what} '{name}' from the Hugging Face Hub (no "
+                            f"connection to {url.hostname}:{port}: {exc.strerror or exc}); "
+                            f"{OFFLINE_HINT}; for a copy in the Hugging Face cache, set "
+                            "HF_HUB_OFFLINE=1") from None
 
 
 def first_line(exc):
@@ -1344,7 +1388,7 @@ class Data:
         self.eval, self.eval_lengths = eval_ds, eval_ds.lengths.tolist()
         self.eval_labels = eval_ds.labels
         self.pad_id, self.packing = pad_id, packing
-        self.unit = "rows" if packing else "samples"  # what a loader's sample is
+        self.unit = "row" if packing else "sample"  # what a loader's sample is
         self.train_set = train  # what the training loader indexes
         self.rows_per_epoch = None  # packed: the same row count every epoch
 
@@ -1687,7 +1731,7 @@ class Run:
             dist.barrier()
         return list_checkpoints(self.out_dir)[-1]
 
-    def start(self, iterations_per_epoch, steps_per_epoch, step_rows, accumulation, device,
+    def start(self, steps_per_epoch, eval_batches, step_rows, accumulation, device,
               extra=None):
         """Print what is about to run (as HF's Trainer does), then open the progress bar."""
         args, data = self.args, self.data
@@ -1695,30 +1739,39 @@ class Run:
         if data.packing:
             step_samples = (f"{len(data.train) / steps_per_epoch:.1f} on average, in "
                             f"{step_rows} rows of up to {args.max_per_row}")
-            padding = {"padding": f"packed, up to {args.max_per_row} texts per row of "
-                                  f"{args.max_length} tokens",
-                       "packing efficiency": f"{data.efficiency():.1%} of row tokens are "
-                       f"text ({data.efficiency(packed=False):.1%} padded to max_length)"}
+            layout = {"padding": f"packed, up to {args.max_per_row} texts per row of "
+                                 f"{args.max_length} tokens",
+                      "packing efficiency": f"{data.efficiency():.1%} of row tokens are "
+                      f"text ({data.efficiency(packed=False):.1%} padded to max_length)"}
         else:
             step_samples = step_rows
-            padding = {"padding": f"{self.padding}, at most {args.max_length} tokens"}
+            layout = {"padding": f"{self.padding}, at most {args.max_length} tokens"}
+            left_out = len(data.train) - steps_per_epoch * step_rows
+            if left_out:  # the tutorial's drop_last: only whole optimizer steps
+                layout["left out each epoch"] = (
+                    f"{counted(left_out, 'sample')} of {len(data.train):,}, too few for a "
+                    "whole optimizer step (drop_last); a new shuffle picks them each epoch")
         rows = {"device": device,
                 "train examples": f"{len(data.train):,}",
                 "eval examples": f"{len(data.eval):,}",
                 "epochs": args.epochs,
-                "micro-batch": f"{args.batch_size} {data.unit}",
-                "gradient accumulation": f"{accumulation} micro-batches per optimizer step",
+                "micro-batch": counted(args.batch_size, data.unit),
+                "gradient accumulation": f"{counted(accumulation, 'micro-batch')} per "
+                                         "optimizer step",
                 **(extra or {}),
                 "samples per optimizer step": step_samples,
                 "optimizer steps per epoch": steps_per_epoch,
                 "optimizer steps in total": steps_per_epoch * args.epochs,
-                **padding,
+                "progress bar": f"per epoch {counted(steps_per_epoch, 'optimizer step')}, "
+                                f"then {counted(eval_batches, 'eval batch')}",
+                **layout,
                 "trainable parameters": f"{trainable:,}",
                 "output directory": self.out_dir}
         width = max(map(len, rows))
         self.say("\n".join(["Fine-tuning:"] + [f"  {k:<{width}}  {v}" for k, v in rows.items()]))
-        self.bar = tqdm(total=args.epochs * iterations_per_epoch,
-                        initial=self.state["epoch"] * iterations_per_epoch + self.state["step"],
+        per_epoch = steps_per_epoch + eval_batches  # the bar: optimizer steps, then eval batches
+        self.bar = tqdm(total=args.epochs * per_epoch,
+                        initial=self.state["epoch"] * per_epoch + self.state["step"],
                         desc=f"{args.device} training", unit="it", disable=not self.ranks.is_main)
         self.stop = StopRequest()
 
@@ -1751,8 +1804,8 @@ class Run:
         raise FinetuneError(f"the loss became {value} at {where}{saved}. "
                             "Lower --lr, or pass --on-nan skip")
 
-    def steps_done(self, losses, samples, updates_applied=False, iterations=1):
-        """Count optimizer steps, each with its loss, over `iterations` bar iterations.
+    def steps_done(self, losses, samples, updates_applied=False):
+        """Count optimizer steps, each with its loss (the bar counts optimizer steps).
 
         A non-finite loss stops the run, or counts as a skipped step (its update was
         skipped where it ran); `updates_applied`: an IPU had applied it already."""
@@ -1771,21 +1824,32 @@ class Run:
                 state["loss_steps"] += 1
                 state["interval_sum"] += loss
                 state["interval_steps"] += 1
-            if state["global_step"] % args.log_every == 0 and state["interval_steps"]:
-                mean = state["interval_sum"] / state["interval_steps"]
-                state["loss_curve"].append([state["global_step"], mean])
+            if state["global_step"] % args.log_every == 0:
+                state["loss_curve"] += self.interval_reading()
                 state["interval_sum"], state["interval_steps"] = 0.0, 0
-                rate = state["train_samples"] / state["train_seconds"]
-                self.bar.set_postfix(loss=f"{mean:.4f}", samples_per_s=f"{rate:.1f}")
             if self.mid_epoch and args.save_every and state["global_step"] % args.save_every == 0:
                 self.save()
                 self.last = time.perf_counter()
-        self.bar.update(iterations)
+        self.bar.update(len(losses))
         if self.stop.requested(self.ranks):
             raise Interrupted(self.stop.signal)
 
-    def end_epoch(self, accuracy, eval_seconds):
+    def interval_reading(self):
+        """The mean loss of the steps since the last reading, as a loss-curve point (none
+        if there were none), shown in the bar."""
         state = self.state
+        if not state["interval_steps"]:
+            return []
+        mean = state["interval_sum"] / state["interval_steps"]
+        rate = state["train_samples"] / max(state["train_seconds"], 1e-9)
+        self.bar.set_postfix(loss=f"{mean:.4f}", samples_per_s=f"{rate:.1f}")
+        return [[state["global_step"], mean]]
+
+    def end_epoch(self, accuracy, eval_seconds):
+        """The epoch's metrics, its line (the tutorial's "Accuracy:" first), results, checkpoint."""
+        state = self.state
+        state["loss_curve"] += self.interval_reading()  # the epoch's last steps, however few
+        state["interval_sum"], state["interval_steps"] = 0.0, 0
         state["metrics"].append({
             "epoch": state["epoch"] + 1,
             "train_loss": state["loss_sum"] / max(state["loss_steps"], 1),
@@ -1802,6 +1866,13 @@ class Run:
                if self.args.device == "cuda" else {}),
         })
         self.warmup_seconds = 0.0  # counted in this epoch's time only
+        epoch = state["metrics"][-1]
+        if self.ranks.is_main:
+            if epoch["epoch"] == self.args.epochs:
+                self.bar.close()  # drawn for the last time at 100%, before the last line
+            tqdm.write(f"Accuracy: {accuracy:.3f}  (epoch {epoch['epoch']} of {self.args.epochs}: "
+                       f"train loss {epoch['train_loss']:.4f}, "
+                       f"{epoch['train_samples_per_s']:,.1f} train samples/s)")
         state.update(epoch=state["epoch"] + 1, step=0, batches=None, loss_sum=0.0, loss_steps=0,
                      train_samples=0, train_seconds=0.0, skipped_steps=0)
         if self.ranks.is_main:
@@ -1815,6 +1886,10 @@ class Run:
         as a process ended by that signal does: 128 + its number (SIGINT 130, SIGTERM 143)."""
         newest = (list_checkpoints(self.out_dir) or ["none"])[-1]
         path = self.save(then_stop=False) if save and self.mid_epoch else newest
+        if self.ranks.is_main and self.state["interval_steps"]:  # the last steps' loss too;
+            with writing(f"the results in {self.out_dir}"):    # a resume re-reads them
+                write_results(self.out_dir, {**self.state, "loss_curve": self.state["loss_curve"]
+                                             + self.interval_reading()})
         self.close()
         how = "" if save else " (a second one: at once, without saving)"
         self.say(f"\nstopped by {signal.Signals(signum).name}{how} at epoch "
@@ -1890,6 +1965,12 @@ class StopNow(BaseException):
     def __init__(self, signum):
         super().__init__(signum)
         self.signum = signum
+
+
+def counted(n, noun):
+    """'1 micro-batch', '2 micro-batches', '1,024 samples'."""
+    plural = noun + ("es" if noun.endswith(("ch", "sh", "s", "x")) else "s")
+    return f"{n:,} {noun if n == 1 else plural}"
 
 
 def stage_table(model, plan):
@@ -2311,7 +2392,7 @@ def write_results(out_dir, state):
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
     if state["loss_curve"]:
         steps, losses = zip(*state["loss_curve"])
-        loss_ax.plot(steps, losses)
+        loss_ax.plot(steps, losses, marker="o" if len(steps) <= 50 else None)  # few: visible
     loss_ax.set(xlabel="optimizer step", ylabel="train loss", title="Training loss")
     epochs = [m["epoch"] for m in state["metrics"]]
     acc_ax.plot(epochs, [m["accuracy"] for m in state["metrics"]], marker="o")
@@ -2376,9 +2457,8 @@ def finetune_with_torch(args, device, model, plan, data, ranks, run):
     steps_per_epoch = len(train_set) // step_size
     if ranks.enabled:
         run.say(f"torchrun: {ranks.world} ranks = {ranks.replicas} replica(s) x {ranks.stages} "
-                f"stage(s); {step_size} {data.unit} per optimizer step")
-    run.start(iterations_per_epoch=steps_per_epoch + len(eval_loader),
-              steps_per_epoch=steps_per_epoch, step_rows=step_size,
+                f"stage(s); {counted(step_size, data.unit)} per optimizer step")
+    run.start(steps_per_epoch=steps_per_epoch, eval_batches=len(eval_loader), step_rows=step_size,
               accumulation=accumulation, device=describe_device(device, ranks),
               extra={"precision": describe_precision(args, device),
                      "train and eval steps": describe_steps(steps, args, device, ranks)})
@@ -2396,8 +2476,6 @@ def finetune_with_torch(args, device, model, plan, data, ranks, run):
         start = time.perf_counter()
         accuracy = evaluate(lambda batch: steps.run("eval", to_device(batch, device)),
                             eval_loader, eval_order, data.eval_labels, run.bar, ranks)
-        if ranks.is_main:
-            tqdm.write(f"Accuracy: {accuracy:.3f}")
         run.end_epoch(accuracy, time.perf_counter() - start)
     if pipelined:  # each stage trained its own weights: bring them into rank 0's model
         gather_pipeline_weights(model, run.saving, ranks)
@@ -2651,7 +2729,7 @@ def train_epoch(train_step, loader, todo, data, run):
         pending.append(train_step(batch))
         samples += data.samples_in_rows(step)
         if run.reading_due(len(pending)) or i == len(todo) - 1:
-            run.steps_done(torch.stack(pending).tolist(), samples, iterations=len(pending))
+            run.steps_done(torch.stack(pending).tolist(), samples)
             pending, samples = [], 0
 
 
@@ -2941,6 +3019,21 @@ class FinetuneError(Exception):
 
 class NothingToDo(FinetuneError):
     """Not an error: what was asked is done already. One line, exit code 0."""
+
+
+def cli(argv=None):
+    """`python finetune_electra.py`: a problem the user can fix is one line, exit code 2."""
+    try:
+        main(argv)
+    except NothingToDo as done:
+        print(done)
+    except KeyboardInterrupt:  # before training began: nothing to save
+        print("stopped by SIGINT before training began", file=sys.stderr)
+        return 130
+    except FinetuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def read_text(path, flag=None):

@@ -209,11 +209,11 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_one(monkeypatch, cap
                                                                 sentiment_dir, tmp_path):
     save_file, calls = fe.save_file, []
 
-    def fills_the_disk(tensors, path):
+    def fills_the_disk(tensors, path, metadata=None):
         calls.append(path)
         if len(calls) > 2:  # the first checkpoint's two files fit, the second's do not
             raise OSError(28, "No space left on device")
-        save_file(tensors, path)
+        save_file(tensors, path, metadata=metadata)
 
     monkeypatch.setattr(fe, "save_file", fills_the_disk)
     err = cli_error(capsys, run_args(tiny_model_dir, sentiment_dir, tmp_path, "--save-every", "10"))
