@@ -3076,5 +3076,17 @@ def read_json(path):
         raise FinetuneError(f"{path} is not valid JSON ({exc})") from None
 
 
+def run_as_script():
+    """The process: once the run has ended (a stop included), a further Ctrl-C or SIGTERM
+    is ignored, so that nothing cuts the interpreter's exit into a traceback."""
+    try:
+        return cli()
+    except SystemExit as stopped:
+        return stopped.code
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+
+
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(run_as_script())

@@ -192,8 +192,8 @@ def test_models_are_loaded_with_eager_attention_on_ipu(fake_poptorch, tiny_model
     loaded = []
     load_model = fe.load_model
 
-    def spy(name, labels, eager_attention=False):
-        model, tokenizer = load_model(name, labels, eager_attention)
+    def spy(name, labels, eager_attention=False, say=print):
+        model, tokenizer = load_model(name, labels, eager_attention, say)
         loaded.append(model.config._attn_implementation)
         return model, tokenizer
 
