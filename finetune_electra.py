@@ -1842,7 +1842,8 @@ class Run:
             return []
         mean = state["interval_sum"] / state["interval_steps"]
         rate = state["train_samples"] / max(state["train_seconds"], 1e-9)
-        self.bar.set_postfix(loss=f"{mean:.4f}", samples_per_s=f"{rate:.1f}")
+        self.bar.set_postfix(loss=f"{mean:.4f}", samples_per_s=f"{rate:.1f}",
+                             refresh=False)  # shown with the bar's next update, not drawn twice
         return [[state["global_step"], mean]]
 
     def end_epoch(self, accuracy, eval_seconds):
