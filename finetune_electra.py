@@ -628,7 +628,7 @@ def epochs_done(out_dir):
 def refuse_finished_resume(args):
     """--resume of a run that has every asked epoch and its model: nothing on disk changes."""
     metrics = epochs_done(args.resume)
-    if is_finished(args.resume, args.epochs):
+    if is_finished(args.resume, args.epochs, metrics):
         raise NothingToDo(f"{args.resume} holds a finished run ({len(metrics)} of {args.epochs} "
                           f"epochs, accuracy {metrics[-1]['accuracy']:.3f}): nothing to resume; "
                           f"pass --epochs {len(metrics) + 1} to train one more epoch")
@@ -731,6 +731,7 @@ class Ranks:
     def __init__(self, rank=0, world=1, stages=1):
         self.enabled = world > 1 or "RANK" in os.environ
         self.rank, self.world, self.stages = rank, world, stages
+        self.per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # torchrun's, per node
         self.replicas = world // stages
         self.stage, self.replica = rank % stages, rank // stages
         self.is_main = rank == 0
@@ -972,17 +973,16 @@ def describe_run(out_dir):
     if not (metrics or checkpoints or (out_dir / "model").is_dir()):
         return None
     epochs = settings_or_none(out_dir).get("epochs", "?")
-    if is_finished(out_dir, epochs):
+    if is_finished(out_dir, epochs, metrics):
         return (f"a finished run: {epochs} epoch{'s' if epochs > 1 else ''}, accuracy "
                 f"{metrics[-1]['accuracy']:.3f}")
     newest = f"newest checkpoint {checkpoints[-1].name}" if checkpoints else "no checkpoint"
     return f"an unfinished run: {len(metrics)} of {epochs} epochs done, {newest}"
 
 
-def is_finished(out_dir, epochs):
-    """All its epochs done (as last asked) and its model saved."""
-    return (isinstance(epochs, int) and len(epochs_done(out_dir)) >= epochs
-            and (out_dir / "model").is_dir())
+def is_finished(out_dir, epochs, metrics):
+    """All its epochs done (as last asked: `metrics`, its epochs_done) and its model saved."""
+    return isinstance(epochs, int) and len(metrics) >= epochs and (out_dir / "model").is_dir()
 
 
 def set_aside(out_dir):
@@ -1826,7 +1826,6 @@ class Run:
                 state["interval_steps"] += 1
             if state["global_step"] % args.log_every == 0:
                 state["loss_curve"] += self.interval_reading()
-                state["interval_sum"], state["interval_steps"] = 0.0, 0
             if self.mid_epoch and args.save_every and state["global_step"] % args.save_every == 0:
                 self.save()
                 self.last = time.perf_counter()
@@ -1836,11 +1835,12 @@ class Run:
 
     def interval_reading(self):
         """The mean loss of the steps since the last reading, as a loss-curve point (none
-        if there were none), shown in the bar."""
+        if there were none), shown in the bar; the next reading starts from here."""
         state = self.state
         if not state["interval_steps"]:
             return []
         mean = state["interval_sum"] / state["interval_steps"]
+        state["interval_sum"], state["interval_steps"] = 0.0, 0
         rate = state["train_samples"] / max(state["train_seconds"], 1e-9)
         self.bar.set_postfix(loss=f"{mean:.4f}", samples_per_s=f"{rate:.1f}",
                              refresh=False)  # shown with the bar's next update, not drawn twice
@@ -1850,7 +1850,6 @@ class Run:
         """The epoch's metrics, its line (the tutorial's "Accuracy:" first), results, checkpoint."""
         state = self.state
         state["loss_curve"] += self.interval_reading()  # the epoch's last steps, however few
-        state["interval_sum"], state["interval_steps"] = 0.0, 0
         state["metrics"].append({
             "epoch": state["epoch"] + 1,
             "train_loss": state["loss_sum"] / max(state["loss_steps"], 1),
@@ -1895,8 +1894,8 @@ class Run:
         how = "" if save else " (a second one: at once, without saving)"
         self.say(f"\nstopped by {signal.Signals(signum).name}{how} at epoch "
                  f"{self.state['epoch'] + 1}, step {self.state['step']}; checkpoint: {path}\n"
-                 f"resume with: " + resume_command(self.out_dir, self.ranks.world, int(
-                     os.environ.get("LOCAL_WORLD_SIZE", self.ranks.world))))
+                 "resume with: " + resume_command(self.out_dir, self.ranks.world,
+                                                  self.ranks.per_node))
         raise SystemExit(128 + signum) from None
 
     def close(self):
@@ -2184,7 +2183,7 @@ class TrainedState:
                 optimizers[str(share["stage"])] = share["optimizer"]
         saved = {"rng_ranks": {str(rank): share["rng"] for rank, share in enumerate(everyone)},
                  "processes": ranks.world,
-                 "processes_per_node": int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world))}
+                 "processes_per_node": ranks.per_node}
         if optimizers:
             saved["optimizer"] = optimizers["0"] if self.stage is None else {"stages": optimizers}
         return weights, tensors, saved, (self.model.config, self.tokenizer)
@@ -2347,7 +2346,8 @@ def newest_unfinished_run():
                   key=lambda d: list_checkpoints(d)[-1].stat().st_mtime)
     if not runs:
         raise FinetuneError("--resume auto: no run with a checkpoint under runs/")
-    unfinished = [d for d in runs if not is_finished(d, settings_or_none(d).get("epochs"))]
+    unfinished = [d for d in runs
+                  if not is_finished(d, settings_or_none(d).get("epochs"), epochs_done(d))]
     if not unfinished:
         raise NothingToDo(f"--resume auto: every run under runs/ is finished; the newest is "
                           f"{runs[-1]} ({describe_run(runs[-1])})")
@@ -2987,7 +2987,7 @@ def predict(model_dir, texts, max_length=512, batch_size=32):
     model_dir = model_to_predict_with(model_dir)
     if not texts:
         raise FinetuneError("--predict: give texts to classify, or --predict-file")
-    check_model_dir(Path(model_dir))
+    check_model_dir(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     check_tokenizer_fits(model_dir, model, tokenizer)
