@@ -9,7 +9,7 @@ iterations and output (anchor) modes; on CUDA or CPU, the same recipe in plain P
     python finetune_electra.py                        # the tutorial's recipe
     python finetune_electra.py --model DIR --dataset DIR --train-samples 2000
 
-Part one, up to the banner "Part two" at line 442, is the tutorial in its order:
+Part one, up to the banner "Part two" at line 443, is the tutorial in its order:
     1. Data: IMDB, tokenized           3. Pipeline stages: which layer on which IPU
     2. Model: ELECTRA, a new head      4. The IPU flow, in one function: finetune_on_ipus()
     5. finetune() and main(): what runs, and on which device
@@ -23,6 +23,7 @@ import argparse
 import codecs
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import math
@@ -328,7 +329,7 @@ def finetune_on_ipus(args, model, plan, data, run):
                                       shuffle=False, drop_last=True)
 
     # Pipeline stages, the wrapper naming the loss, PopTorch's AdamW, the two models.
-    run.say_stage_plan(model, plan, "applied with poptorch.BeginBlock")
+    run.progress.say_stage_plan(model, plan, "applied with poptorch.BeginBlock")
     place_on_ipus(model, plan)
     wrapped = IPUWrapper(data.classifier(model))  # --padding packed: a PackedClassifier
     optimizer = poptorch.optim.AdamW(wrapped.parameters(), lr=args.lr)
@@ -347,9 +348,9 @@ def finetune_on_ipus(args, model, plan, data, run):
         run.say(f"{name} graph compiled (or loaded from --executable-cache) in "
                 f"{time.perf_counter() - start:.1f} s")
     # Checkpoints: the host's weights and PopTorch's optimizer state; --resume loads them here.
-    run.save_checkpoints_of(model, optimizer, mid_epoch=False)
-    run.resume_if_asked()
-    run.start(steps_per_epoch=len(train_loader) * args.device_iterations,
+    run.checkpoints.hold(model, optimizer, mid_epoch=False)
+    run.checkpoints.resume_if_asked()
+    run.start(model, steps_per_epoch=len(train_loader) * args.device_iterations,
               eval_batches=len(eval_loader),
               step_rows=step_rows, accumulation=accumulation,
               device=(f"IPU, {args.stages} pipeline stages x {args.replicas} replica(s) = "
@@ -373,7 +374,7 @@ def finetune_on_ipus(args, model, plan, data, run):
         for batch in eval_loader:
             _, logits = inference_model(**batch)
             predictions.append(logits.argmax(-1))
-            run.bar.update(1)
+            run.progress.advance(1)  # the bar counts eval batches too
         inference_model.detachFromDevice()
         predicted = review_predictions(torch.cat(predictions).numpy(), eval_reviews, len(data.eval))
         accuracy = accuracy_score(data.eval_labels, predicted)
@@ -401,14 +402,14 @@ def finetune(args, device, ranks):
 
     # Only now the output directory: a start that fails above leaves nothing behind.
     with run_directory(args, ranks, say) as out_dir:  # this run's alone, locked
-        run = Run(args, out_dir, ranks, data, padding, model, tokenizer, say)
+        run = Run(args, out_dir, ranks, data, padding, tokenizer, say)
         try:
             if on_ipu:
                 finetune_on_ipus(args, model, plan, data, run)
             else:
                 finetune_with_torch(args, device, model, plan, data, ranks, run)
         except (Interrupted, StopNow) as why:  # Ctrl-C, SIGTERM: save (a second: don't), exit
-            run.interrupted(why.signum, save=isinstance(why, Interrupted))
+            exit_on_stop(run, why)
         finally:
             run.close()
 
@@ -467,6 +468,10 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
             return text
         return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
+BUCKET = 64  # --padding buckets: batch lengths are multiples of this (8 shapes at 512)
+PACKED_MAX_PER_ROW = 4  # IMDB at 512 tokens: rows 98.7% full (3: 98.5%, 2: 91%)
 
 
 def build_parser():
@@ -703,7 +708,7 @@ def check_ipu_args(args):
 # 7. Device and processes: which device, which rank under torchrun, the seeds.
 #
 # Alone, a process is rank 0 of 1. Under torchrun each process is one rank;
-# section 16 maps the tutorial's IPU ideas onto them.
+# section 20 maps the tutorial's IPU ideas onto them.
 # ----------------------------------------------------------------------------
 
 def pick_device(requested):
@@ -739,13 +744,7 @@ class Ranks:
         self.device = torch.device("cpu")  # where collectives' tensors live
 
 
-def has_pipelining():
-    """torch.distributed.pipelining came with torch 2.4; the IPU host's torch 2.0.1 lacks it."""
-    try:
-        import torch.distributed.pipelining  # noqa: F401
-    except ImportError:
-        return False
-    return True
+TORCH_VERSION = tuple(int(part) for part in torch.__version__.split(".")[:2])  # (2, 13)
 
 
 def setup_distributed(args, device):
@@ -757,7 +756,7 @@ def setup_distributed(args, device):
     if world % args.stages:
         raise FinetuneError(f"{world} processes cannot hold whole {args.stages}-stage pipelines: "
                             f"use --stages 1 (data parallel only) or a divisor of {world}")
-    if args.stages > 1 and not has_pipelining():
+    if args.stages > 1 and TORCH_VERSION < (2, 4):  # torch.distributed.pipelining came with 2.4
         raise FinetuneError(f"torchrun with --stages {args.stages} needs torch.distributed."
                             "pipelining, in torch 2.4 or newer (this is torch "
                             f"{torch.__version__}): use --stages 1 (data parallel) or a newer "
@@ -774,6 +773,13 @@ def setup_distributed(args, device):
         group = dist.new_group(list(range(stage, world, args.stages)))
         ranks.dp_group = group if stage == ranks.stage else ranks.dp_group
     return ranks
+
+
+def describe_device(device, ranks):
+    if not ranks.enabled:
+        return str(device)
+    return (f"{device.type}, torchrun: {ranks.world} ranks = {ranks.replicas} replica(s) x "
+            f"{ranks.stages} stage(s)")
 
 
 def one_voice(ranks):
@@ -809,7 +815,7 @@ def adamw(params, lr, device):
     the time of the default (foreach) one, for the same update. CPU has it since
     torch 2.4; the IPU host's torch 2.0.1 has it on CUDA only.
     """
-    fused = device.type == "cuda" or torch.__version__ >= "2.4"
+    fused = device.type == "cuda" or TORCH_VERSION >= (2, 4)
     # capturable: its step counts live on the GPU, so the step can be captured in a CUDA graph.
     return torch.optim.AdamW(params, lr=lr, fused=fused or None,
                              capturable=device.type == "cuda")
@@ -819,9 +825,10 @@ def adamw(params, lr, device):
 # 8. The output directory: one run in each, locked while it runs.
 # ----------------------------------------------------------------------------
 
-def prepare_output_dir(args, ranks, say):
-    """Rank 0 makes the directory, locks it, and claims it for this run; every rank
-    gets its name. Returns the name and the lock (None on other ranks)."""
+@contextlib.contextmanager
+def run_directory(args, ranks, say):
+    """The run's output directory, held until the run ends: rank 0 makes it, locks it and
+    claims it for this run; every rank gets its name."""
     lock = None
     if ranks.is_main:
         try:
@@ -836,13 +843,6 @@ def prepare_output_dir(args, ranks, say):
         shared = [str(out_dir) if ranks.is_main else None]
         dist.broadcast_object_list(shared)
         out_dir = Path(shared[0])
-    return out_dir, lock
-
-
-@contextlib.contextmanager
-def run_directory(args, ranks, say):
-    """The run's output directory, held by this process until the run ends."""
-    out_dir, lock = prepare_output_dir(args, ranks, say)
     try:
         yield out_dir
     finally:
@@ -1328,7 +1328,7 @@ def subset(ds, n, seed):
 
 def choose_padding(args, static):
     """IPU graphs and traced pipelines have fixed shapes. A GPU is fastest with a few
-    shapes that CUDA graphs replay (section 15); a CPU with each batch padded to its longest."""
+    shapes that CUDA graphs replay (section 19); a CPU with each batch padded to its longest."""
     padding = args.padding if args.padding != "auto" else "max_length" if static else (
         "buckets" if args.device == "cuda" else "dynamic")
     if static and padding in ("dynamic", "buckets"):
@@ -1425,7 +1425,8 @@ class Data:
             slots = np.array([row + [-1] * (self.packing.per_row - len(row)) for row in rows])
             return PackedRows(self.eval, self.packing.max_length, self.packing.per_row,
                               self.pad_id, len(rows), 1).use(rows), slots
-        indices = padded_indices(len(self.eval), multiple)
+        n = len(self.eval)  # padded with repeats of review 0 to whole batches
+        indices = list(range(n)) + [0] * (-n % multiple)
         return torch.utils.data.Subset(self.eval, indices), np.array(indices)
 
     def classifier(self, model):
@@ -1442,11 +1443,6 @@ def require_train_samples(data, needed, what):
     if len(data.train) < needed:
         raise FinetuneError(f"the train split has {len(data.train)} samples, fewer than {what} "
                             f"({needed}): use more data or a smaller batch")
-
-
-def padded_indices(n, multiple):
-    """All n indices, padded with repeats of sample 0 to a whole number of batches."""
-    return list(range(n)) + [0] * (-n % multiple)
 
 
 # ----------------------------------------------------------------------------
@@ -1467,7 +1463,6 @@ def padded_indices(n, multiple):
 # reads them differ.
 # ----------------------------------------------------------------------------
 
-PACKED_MAX_PER_ROW = 4  # IMDB at 512 tokens: rows 98.7% full (3: 98.5%, 2: 91%)
 PACKING_WINDOW = 1000   # reviews packed together: enough to fill rows, still shuffled
 # Every epoch has the same row count: the most that the first few epochs' packings need
 # (an epoch that needs more is shuffled anew). A fixed number of epochs, not --epochs,
@@ -1480,14 +1475,10 @@ def packing_for(args, model, padding):
     """--padding packed: how this run packs reviews into rows (None otherwise)."""
     if padding != "packed":
         return None
-    check_packable(model)
-    return Packing(args.max_length, args.max_per_row, args.seed)
-
-
-def check_packable(model):
     if type(model).__name__ not in PACKABLE_MODELS:
         raise FinetuneError(f"--padding packed knows the heads of {' and '.join(PACKABLE_MODELS)}, "
                             f"not {type(model).__name__}: use --padding max_length")
+    return Packing(args.max_length, args.max_per_row, args.seed)
 
 
 def pack_rows(lengths, order, max_length, per_row):
@@ -1670,15 +1661,18 @@ def classify_first_token(model, first_token):
 
 
 # ----------------------------------------------------------------------------
-# 12. Progress, losses and stop requests: what every flow shares.
+# 12. A run: its state, its steps and epochs counted.
 #
-# A Run holds the state a checkpoint needs to continue (epoch, step, the
-# epoch's batch order, running sums, metrics), the one progress bar over every
-# train and eval iteration (as the tutorial's), the loss readings, the
-# non-finite-loss policy, Ctrl-C, and what happens at the end of an epoch.
+# Every flow reports its steps and epochs to a Run, which keeps three parts,
+# each with one job: the run's state (plain data that a checkpoint saves and
+# --resume loads as is), Progress (what the user sees, section 13) and
+# Checkpoints (what is saved, when, and --resume: section 15). The Run counts
+# steps, epochs and their metrics into them, and stops the run on a non-finite
+# loss or a stop request (Ctrl-C, SIGTERM: section 14).
 # ----------------------------------------------------------------------------
 
 def new_state():
+    """Where a run is and its running sums: what it needs to continue, saved as JSON."""
     return {"epoch": 0, "step": 0, "global_step": 0, "batches": None,
             "loss_sum": 0.0, "loss_steps": 0, "interval_sum": 0.0, "interval_steps": 0,
             "train_samples": 0, "train_seconds": 0.0, "skipped_steps": 0,
@@ -1686,71 +1680,151 @@ def new_state():
 
 
 class Run:
-    """One fine-tuning run's bookkeeping, the same for the IPU and the CUDA/CPU flow."""
+    """One fine-tuning run, counted the same for the IPU and the CUDA/CPU flow."""
 
-    def __init__(self, args, out_dir, ranks, data, padding, model, tokenizer, say):
-        self.args, self.out_dir, self.ranks, self.data = args, out_dir, ranks, data
-        self.padding, self.model, self.tokenizer, self.say = padding, model, tokenizer, say
-        self.state = new_state()
-        self.saving = None  # a TrainedState when this flow checkpoints
-        self.mid_epoch = False  # whether the host has the current weights mid-epoch
-        self.bar = self.stop = None
-        self.last = time.perf_counter()
+    def __init__(self, args, out_dir, ranks, data, padding, tokenizer, say):
+        self.args, self.out_dir, self.ranks, self.data, self.say = args, out_dir, ranks, data, say
+        self.padding = padding  # how batches are padded: section 10
+        self.state = new_state()  # one dict, shared with the parts
+        self.progress = Progress(args, ranks, data, padding, out_dir, self.state, say)
+        self.checkpoints = Checkpoints(args, out_dir, ranks, tokenizer, self.state, say)
+        self.stop = None  # a StopRequest, from the start of training
+        self.last = self.epoch_start = time.perf_counter()
         self.warmup_seconds = 0.0  # capturing CUDA graphs, before the first epoch
+
+    def start(self, model, **summary):
+        """The summary and the bar; from here a Ctrl-C or SIGTERM stops after the step."""
+        self.progress.start(model, **summary)
+        self.stop = self.checkpoints.stop = StopRequest()
+
+    def epochs(self):  # from where a resumed run stopped
+        for epoch in range(self.state["epoch"], self.args.epochs):
+            self.epoch_start = self.last = time.perf_counter()
+            yield epoch
+
+    def reading_due(self, pending):
+        """Whether the host must read the pending losses now: for a reading, a checkpoint,
+        or (one process) a stop request."""
+        step, args = self.state["global_step"] + pending, self.args
+        return (step % args.log_every == 0 or bool(args.save_every and step % args.save_every == 0)
+                or (not self.ranks.enabled and self.stop.signal is not None))
+
+    def steps_done(self, losses, samples, updates_applied=False):
+        """Count optimizer steps, each with its loss; `updates_applied`: an IPU had applied
+        them already, so a non-finite loss cannot be skipped."""
+        state, now = self.state, time.perf_counter()  # the steps and loading their batches
+        state["train_seconds"] += now - self.last
+        state["train_samples"] += samples
+        self.last = now
+        for loss in losses:
+            if not math.isfinite(loss):
+                loss = self.non_finite_loss(loss, updates_applied)
+            state["step"] += 1
+            state["global_step"] += 1
+            self.progress.step_done(loss)
+            if self.checkpoints.due():
+                self.checkpoints.save()
+                self.last = time.perf_counter()
+        self.progress.advance(len(losses))  # the bar counts optimizer steps
+        if self.stop.requested(self.ranks):
+            raise Interrupted(self.stop.signal)
+
+    def non_finite_loss(self, value, updates_applied):
+        """Stop (saving the last good weights where the host has them) or skip the step."""
+        where = f"epoch {self.state['epoch'] + 1}, step {self.state['step'] + 1}"
+        if self.args.on_nan == "skip" and not updates_applied:
+            if self.ranks.is_main:
+                tqdm.write(f"warning: loss {value} at {where}: step skipped")
+            self.state["skipped_steps"] += 1
+            return None
+        if updates_applied:  # an IPU applied the step already: the weights are not good
+            raise FinetuneError(f"the loss became {value} at {where} (the IPU had already applied "
+                                f"that step); last checkpoint: {self.checkpoints.newest()}. "
+                                "Lower --lr")
+        saved = (f"; kept the last good weights in {self.checkpoints.save()}"
+                 if self.checkpoints.mid_epoch else "")
+        raise FinetuneError(f"the loss became {value} at {where}{saved}. "
+                            "Lower --lr, or pass --on-nan skip")
+
+    def end_epoch(self, accuracy, eval_seconds):
+        """The epoch's metrics, its line (the tutorial's "Accuracy:" first), results, checkpoint."""
+        state = self.state
+        state["loss_curve"] += self.progress.interval_reading()  # the epoch's last steps, however few
+        state["metrics"].append(epoch_metrics(state, self.data, self.args, accuracy, eval_seconds,
+                                              time.perf_counter() - self.epoch_start,
+                                              self.warmup_seconds))
+        self.warmup_seconds = 0.0  # counted in this epoch's time only
+        self.progress.epoch_line(state["metrics"][-1])
+        state.update(epoch=state["epoch"] + 1, step=0, batches=None, loss_sum=0.0, loss_steps=0,
+                     train_samples=0, train_seconds=0.0, skipped_steps=0)
+        if self.ranks.is_main:
+            write_results(self.out_dir, state["metrics"], state["loss_curve"])
+        if self.checkpoints.held:
+            self.checkpoints.save()
+
+    def close(self):
+        self.progress.close()
+        if self.stop is not None:
+            self.stop.restore()
+            self.stop = self.checkpoints.stop = None
+
+
+def epoch_metrics(state, data, args, accuracy, eval_seconds, seconds, warmup_seconds):
+    """One line of metrics.jsonl: the epoch's figures, from the run's sums."""
+    return {
+        "epoch": state["epoch"] + 1,
+        "train_loss": state["loss_sum"] / max(state["loss_steps"], 1),
+        "accuracy": accuracy,
+        "train_samples_per_s": state["train_samples"] / state["train_seconds"],
+        "eval_samples_per_s": len(data.eval) / eval_seconds,
+        "samples_per_step": state["train_samples"] / max(state["step"], 1),
+        **({"packing_efficiency": data.efficiency()} if data.packing else {}),
+        "seconds": seconds,
+        "skipped_steps": state["skipped_steps"],
+        "warmup_seconds": warmup_seconds,
+        **({"peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+           if args.device == "cuda" else {}),
+    }
+
+
+# ----------------------------------------------------------------------------
+# 13. Progress: the summary, the one bar, the loss readings.
+# ----------------------------------------------------------------------------
+
+class Progress:
+    """What the user sees of a run: the summary before it (as HF's Trainer prints one),
+    one bar over every train and eval iteration (as the tutorial's), the mean loss every
+    --log-every steps (in the bar and the loss curve), and a line per epoch."""
+
+    def __init__(self, args, ranks, data, padding, out_dir, state, say):
+        self.args, self.ranks, self.data, self.padding = args, ranks, data, padding
+        self.out_dir, self.state, self.say = out_dir, state, say
+        self.bar = None
 
     def say_stage_plan(self, model, plan, how):
         self.say(f"pipeline stage plan ({self.args.stages} stages, {how})")
         self.say(stage_table(model, plan))
 
-    def save_checkpoints_of(self, model, optimizer, mid_epoch, stage=None):
-        """What checkpoints hold from now on; mid_epoch: the host has the current weights
-        between epochs too, so --save-every and a stop request can save them. stage: a
-        torchrun pipeline's (stage module, prefix of the model's names in it)."""
-        self.saving = TrainedState(model, optimizer, self.ranks, stage, self.tokenizer)
-        self.mid_epoch = mid_epoch
-
-    def resume_if_asked(self):
-        """--resume: the newest checkpoint into the model, the optimizer and this run."""
-        if self.args.resume:
-            self.state, path = load_checkpoint(self.out_dir, self.saving,
-                                               on_ipu=self.args.device == "ipu", say=self.say)
-            for group in self.saving.optimizer.param_groups:  # a resume may change --lr
-                group["lr"] = self.args.lr
-            self.say(f"resumed from {path} (epoch {self.state['epoch'] + 1}, "
-                     f"step {self.state['step']})")
-
-    def save(self, then_stop=True):
-        """A checkpoint, which a second Ctrl-C does not cut short (then_stop: it stops the
-        run once the checkpoint is written)."""
-        with self.stop.saving(then_stop) if self.stop else contextlib.nullcontext():
-            snapshot = self.saving.snapshot()  # every rank's part, gathered on rank 0
-            if self.ranks.is_main:
-                save_checkpoint(self.out_dir, snapshot, self.state, self.args.keep)
-                drop_overwritten(self.out_dir)
-        if self.ranks.enabled:
-            dist.barrier()
-        return list_checkpoints(self.out_dir)[-1]
-
-    def start(self, steps_per_epoch, eval_batches, step_rows, accumulation, device,
+    def start(self, model, steps_per_epoch, eval_batches, step_rows, accumulation, device,
               extra=None):
-        """Print what is about to run (as HF's Trainer does), then open the progress bar."""
+        """Print what is about to run, then open the bar (a resumed run's where it stopped)."""
         args, data = self.args, self.data
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         if data.packing:
             step_samples = (f"{len(data.train) / steps_per_epoch:.1f} on average, in "
                             f"{step_rows} rows of up to {args.max_per_row}")
             layout = {"padding": f"packed, up to {args.max_per_row} texts per row of "
                                  f"{args.max_length} tokens",
-                      "packing efficiency": f"{data.efficiency():.1%} of row tokens are "
-                      f"text ({data.efficiency(packed=False):.1%} padded to max_length)"}
+                      "packing efficiency": f"{data.efficiency():.1%} of row tokens are text "
+                      f"({data.efficiency(packed=False):.1%} padded to max_length)"}
         else:
-            step_samples = step_rows
-            layout = {"padding": f"{self.padding}, at most {args.max_length} tokens"}
+            step_samples, layout = step_rows, {"padding": f"{self.padding}, at most "
+                                                          f"{args.max_length} tokens"}
             left_out = len(data.train) - steps_per_epoch * step_rows
             if left_out:  # the tutorial's drop_last: only whole optimizer steps
                 layout["left out each epoch"] = (
                     f"{counted(left_out, 'sample')} of {len(data.train):,}, too few for a "
                     "whole optimizer step (drop_last); a new shuffle picks them each epoch")
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         rows = {"device": device,
                 "train examples": f"{len(data.train):,}",
                 "eval examples": f"{len(data.eval):,}",
@@ -1773,65 +1847,22 @@ class Run:
         self.bar = tqdm(total=args.epochs * per_epoch,
                         initial=self.state["epoch"] * per_epoch + self.state["step"],
                         desc=f"{args.device} training", unit="it", disable=not self.ranks.is_main)
-        self.stop = StopRequest()
 
-    def epochs(self):
-        for epoch in range(self.state["epoch"], self.args.epochs):
-            self.epoch_start = self.last = time.perf_counter()
-            yield epoch
+    def step_done(self, loss):
+        """An optimizer step's loss (None: a skipped step) into the sums; every --log-every
+        steps a reading."""
+        state = self.state
+        if loss is not None:
+            state["loss_sum"] += loss
+            state["loss_steps"] += 1
+            state["interval_sum"] += loss
+            state["interval_steps"] += 1
+        if state["global_step"] % self.args.log_every == 0:
+            state["loss_curve"] += self.interval_reading()
 
-    def reading_due(self, pending):
-        """Whether the steps run since the last reading must be read now: a loss reading
-        or a checkpoint is due, or (one process) Ctrl-C was pressed."""
-        step, args = self.state["global_step"] + pending, self.args
-        return (step % args.log_every == 0 or bool(args.save_every and step % args.save_every == 0)
-                or (not self.ranks.enabled and self.stop.signal is not None))
-
-    def non_finite_loss(self, value, updates_applied=False):
-        """Stop (saving the last good weights where the host has them) or skip the step."""
-        where = f"epoch {self.state['epoch'] + 1}, step {self.state['step'] + 1}"
-        if self.args.on_nan == "skip" and not updates_applied:
-            if self.ranks.is_main:
-                tqdm.write(f"warning: loss {value} at {where}: step skipped")
-            self.state["skipped_steps"] += 1
-            return None
-        if updates_applied:  # an IPU applied the step already: the weights are not good
-            last = list_checkpoints(self.out_dir)
-            raise FinetuneError(f"the loss became {value} at {where} (the IPU had already applied "
-                                f"that step); last checkpoint: {last[-1] if last else 'none'}. "
-                                "Lower --lr")
-        saved = f"; kept the last good weights in {self.save()}" if self.mid_epoch else ""
-        raise FinetuneError(f"the loss became {value} at {where}{saved}. "
-                            "Lower --lr, or pass --on-nan skip")
-
-    def steps_done(self, losses, samples, updates_applied=False):
-        """Count optimizer steps, each with its loss (the bar counts optimizer steps).
-
-        A non-finite loss stops the run, or counts as a skipped step (its update was
-        skipped where it ran); `updates_applied`: an IPU had applied it already."""
-        state, args = self.state, self.args
-        now = time.perf_counter()  # the steps and the loading of their batch
-        state["train_seconds"] += now - self.last
-        self.last = now
-        state["train_samples"] += samples
-        for loss in losses:
-            if not math.isfinite(loss):
-                loss = self.non_finite_loss(loss, updates_applied)
-            state["step"] += 1
-            state["global_step"] += 1
-            if loss is not None:
-                state["loss_sum"] += loss
-                state["loss_steps"] += 1
-                state["interval_sum"] += loss
-                state["interval_steps"] += 1
-            if state["global_step"] % args.log_every == 0:
-                state["loss_curve"] += self.interval_reading()
-            if self.mid_epoch and args.save_every and state["global_step"] % args.save_every == 0:
-                self.save()
-                self.last = time.perf_counter()
-        self.bar.update(len(losses))
-        if self.stop.requested(self.ranks):
-            raise Interrupted(self.stop.signal)
+    def advance(self, iterations):
+        """The bar moves on: by optimizer steps in training, by batches in evaluation."""
+        self.bar.update(iterations)
 
     def interval_reading(self):
         """The mean loss of the steps since the last reading, as a loss-curve point (none
@@ -1846,65 +1877,57 @@ class Run:
                              refresh=False)  # shown with the bar's next update, not drawn twice
         return [[state["global_step"], mean]]
 
-    def end_epoch(self, accuracy, eval_seconds):
-        """The epoch's metrics, its line (the tutorial's "Accuracy:" first), results, checkpoint."""
-        state = self.state
-        state["loss_curve"] += self.interval_reading()  # the epoch's last steps, however few
-        state["metrics"].append({
-            "epoch": state["epoch"] + 1,
-            "train_loss": state["loss_sum"] / max(state["loss_steps"], 1),
-            "accuracy": accuracy,
-            "train_samples_per_s": state["train_samples"] / state["train_seconds"],
-            "eval_samples_per_s": len(self.data.eval) / eval_seconds,
-            "samples_per_step": state["train_samples"] / max(state["step"], 1),
-            **({"packing_efficiency": self.data.efficiency()}
-               if self.data.packing else {}),
-            "seconds": time.perf_counter() - self.epoch_start,
-            "skipped_steps": state["skipped_steps"],
-            "warmup_seconds": self.warmup_seconds,
-            **({"peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
-               if self.args.device == "cuda" else {}),
-        })
-        self.warmup_seconds = 0.0  # counted in this epoch's time only
-        epoch = state["metrics"][-1]
+    def epoch_line(self, epoch):
         if self.ranks.is_main:
             if epoch["epoch"] == self.args.epochs:
                 self.bar.close()  # drawn for the last time at 100%, before the last line
-            tqdm.write(f"Accuracy: {accuracy:.3f}  (epoch {epoch['epoch']} of {self.args.epochs}: "
-                       f"train loss {epoch['train_loss']:.4f}, "
+            tqdm.write(f"Accuracy: {epoch['accuracy']:.3f}  (epoch {epoch['epoch']} of "
+                       f"{self.args.epochs}: train loss {epoch['train_loss']:.4f}, "
                        f"{epoch['train_samples_per_s']:,.1f} train samples/s)")
-        state.update(epoch=state["epoch"] + 1, step=0, batches=None, loss_sum=0.0, loss_steps=0,
-                     train_samples=0, train_seconds=0.0, skipped_steps=0)
-        if self.ranks.is_main:
-            with writing(f"the results in {self.out_dir}"):
-                write_results(self.out_dir, state)
-        if self.saving:
-            self.save()
-
-    def interrupted(self, signum, save=True):
-        """Save (unless a second signal asked to stop at once), say how to resume, and exit
-        as a process ended by that signal does: 128 + its number (SIGINT 130, SIGTERM 143)."""
-        newest = (list_checkpoints(self.out_dir) or ["none"])[-1]
-        path = self.save(then_stop=False) if save and self.mid_epoch else newest
-        if self.ranks.is_main and self.state["interval_steps"]:  # the last steps' loss too;
-            with writing(f"the results in {self.out_dir}"):    # a resume re-reads them
-                write_results(self.out_dir, {**self.state, "loss_curve": self.state["loss_curve"]
-                                             + self.interval_reading()})
-        self.close()
-        how = "" if save else " (a second one: at once, without saving)"
-        self.say(f"\nstopped by {signal.Signals(signum).name}{how} at epoch "
-                 f"{self.state['epoch'] + 1}, step {self.state['step']}; checkpoint: {path}\n"
-                 "resume with: " + resume_command(self.out_dir, self.ranks.world,
-                                                  self.ranks.per_node))
-        raise SystemExit(128 + signum) from None
 
     def close(self):
         if self.bar is not None:
             self.bar.close()
-        if self.stop is not None:
-            self.stop.restore()
-            self.stop = None
 
+
+def counted(n, noun):
+    """'1 micro-batch', '2 micro-batches', '1,024 samples'."""
+    plural = noun + ("es" if noun.endswith(("ch", "sh", "s", "x")) else "s")
+    return f"{n:,} {noun if n == 1 else plural}"
+
+
+def stage_table(model, plan):
+    rows = []
+    for stage in sorted({s for _, s in plan}):
+        names = [n for n, s in plan if s == stage]
+        params = sum(p.numel() for n in names for p in model.get_submodule(n).parameters())
+        rows.append((stage, compact_names(names), params))
+    width = max(len(r[1]) for r in rows)
+    lines = [f"{'stage':>5}  {'modules':<{width}}  {'parameters':>10}"]
+    lines += [f"{s:>5}  {m:<{width}}  {p:>10,}" for s, m, p in rows]
+    return "\n".join(lines)
+
+
+def compact_names(names):
+    """'a.layer.0', 'a.layer.1', 'a.layer.2' -> 'a.layer.0-2'."""
+    out, run = [], []
+    for name in names + [None]:
+        prefix, _, last = name.rpartition(".") if name else ("", "", "")
+        if run and (not last.isdigit() or prefix != run[0][0] or int(last) != run[-1][1] + 1):
+            out.append(f"{run[0][0]}.{run[0][1]}" + (f"-{run[-1][1]}" if len(run) > 1 else ""))
+            run = []
+        if name is None:
+            break
+        if last.isdigit():
+            run.append((prefix, int(last)))
+        else:
+            out.append(name)
+    return ", ".join(out)
+
+
+# ----------------------------------------------------------------------------
+# 14. Stop requests: Ctrl-C and SIGTERM end a run cleanly.
+# ----------------------------------------------------------------------------
 
 class StopRequest:
     """Ctrl-C or SIGTERM: finish the current step, save, and exit cleanly.
@@ -1950,64 +1973,87 @@ class StopRequest:
         return self.signal is not None
 
 
-class Interrupted(Exception):
-    """Stop at the end of this step: a Ctrl-C or SIGTERM (its number)."""
+def exit_on_stop(run, why):
+    """Save (unless a second signal asked to stop at once), say how to resume, and exit
+    as a process ended by that signal does: 128 + its number (SIGINT 130, SIGTERM 143)."""
+    signum, save = why.args[0], isinstance(why, Interrupted)
+    path = (run.checkpoints.save(then_stop=False) if save and run.checkpoints.mid_epoch
+            else run.checkpoints.newest())
+    if run.ranks.is_main and run.state["interval_steps"]:  # the last steps' loss too
+        write_results(run.out_dir, run.state["metrics"],  # (a resume re-reads them)
+                      run.state["loss_curve"] + run.progress.interval_reading())
+    run.close()
+    how = "" if save else " (a second one: at once, without saving)"
+    run.say(f"\nstopped by {signal.Signals(signum).name}{how} at epoch {run.state['epoch'] + 1}, "
+            f"step {run.state['step']}; checkpoint: {path}\nresume with: "
+            + resume_command(run.out_dir, run.ranks.world, run.ranks.per_node))
+    raise SystemExit(128 + signum) from None
 
-    def __init__(self, signum):
-        super().__init__(signum)
-        self.signum = signum
+
+class Interrupted(Exception):
+    """Stop at the end of this step: a Ctrl-C or SIGTERM (its number, args[0])."""
 
 
 class StopNow(BaseException):
     """A second Ctrl-C or SIGTERM: stop at once. A BaseException, as KeyboardInterrupt is,
     so that no `except Exception` on the way takes it for an error of its own."""
 
-    def __init__(self, signum):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def counted(n, noun):
-    """'1 micro-batch', '2 micro-batches', '1,024 samples'."""
-    plural = noun + ("es" if noun.endswith(("ch", "sh", "s", "x")) else "s")
-    return f"{n:,} {noun if n == 1 else plural}"
-
-
-def stage_table(model, plan):
-    rows = []
-    for stage in sorted({s for _, s in plan}):
-        names = [n for n, s in plan if s == stage]
-        params = sum(p.numel() for n in names for p in model.get_submodule(n).parameters())
-        rows.append((stage, compact_names(names), params))
-    width = max(len(r[1]) for r in rows)
-    lines = [f"{'stage':>5}  {'modules':<{width}}  {'parameters':>10}"]
-    lines += [f"{s:>5}  {m:<{width}}  {p:>10,}" for s, m, p in rows]
-    return "\n".join(lines)
-
-
-def compact_names(names):
-    """'a.layer.0', 'a.layer.1', 'a.layer.2' -> 'a.layer.0-2'."""
-    out, run = [], []
-    for name in names + [None]:
-        prefix, _, last = name.rpartition(".") if name else ("", "", "")
-        if run and (not last.isdigit() or prefix != run[0][0] or int(last) != run[-1][1] + 1):
-            out.append(f"{run[0][0]}.{run[0][1]}" + (f"-{run[-1][1]}" if len(run) > 1 else ""))
-            run = []
-        if name is None:
-            break
-        if last.isdigit():
-            run.append((prefix, int(last)))
-        else:
-            out.append(name)
-    return ", ".join(out)
-
 
 # ----------------------------------------------------------------------------
-# 13. Checkpoints: atomic, safetensors + JSON, never a pickle.
+# 15. Checkpoints: atomic, safetensors + JSON, never a pickle.
 #
 # Each checkpoint is written into a hidden temporary directory, flushed to
 # disk, and renamed into place: a kill mid-write leaves the previous one whole.
 # ----------------------------------------------------------------------------
+
+class Checkpoints:
+    """What a checkpoint holds (a TrainedState, section 15, with the run's state), when one
+    is taken, and --resume. Where the host has the current weights mid-epoch (CUDA/CPU):
+    every --save-every steps and at a stop request; always at the end of an epoch."""
+
+    def __init__(self, args, out_dir, ranks, tokenizer, state, say):
+        self.args, self.out_dir, self.ranks, self.tokenizer = args, out_dir, ranks, tokenizer
+        self.state, self.say = state, say
+        self.held, self.mid_epoch = None, False  # a TrainedState once a flow has its optimizer
+        self.stop = None  # the run's StopRequest, while it trains
+
+    def hold(self, model, optimizer, mid_epoch, stage=None):
+        """What checkpoints hold from now on; mid_epoch: the host has the current weights
+        between epoch ends too. stage: a torchrun pipeline's (stage module, prefix of the
+        model's names in it)."""
+        self.held = TrainedState(model, optimizer, self.ranks, stage, self.tokenizer)
+        self.mid_epoch = mid_epoch
+
+    def resume_if_asked(self):
+        """--resume: the newest checkpoint into the model, the optimizer and the run's state."""
+        if self.args.resume:
+            state, path = load_checkpoint(self.out_dir, self.held,
+                                          on_ipu=self.args.device == "ipu", say=self.say)
+            self.state.clear()
+            self.state.update(state)
+            for group in self.held.optimizer.param_groups:  # a resume may change --lr
+                group["lr"] = self.args.lr
+            self.say(f"resumed from {path} (epoch {state['epoch'] + 1}, step {state['step']})")
+
+    def due(self):
+        every = self.args.save_every
+        return self.mid_epoch and bool(every) and self.state["global_step"] % every == 0
+
+    def save(self, then_stop=True):
+        """A checkpoint, which a second Ctrl-C does not cut short (then_stop: it stops the
+        run once the checkpoint is written); returns the newest checkpoint."""
+        with self.stop.saving(then_stop) if self.stop else contextlib.nullcontext():
+            snapshot = self.held.snapshot()
+            if self.ranks.is_main:
+                save_checkpoint(self.out_dir, snapshot, self.state, self.args.keep)
+                drop_overwritten(self.out_dir)
+        if self.ranks.enabled:
+            dist.barrier()
+        return self.newest()
+
+    def newest(self):
+        return (list_checkpoints(self.out_dir) or ["none"])[-1]
+
 
 CHECKSUMS = "checksums.json"
 
@@ -2089,11 +2135,6 @@ def set_rng_state(tensors, saved, rank):
     random.setstate((version, tuple(internal), gauss))
     kind, keys, *rest = saved["numpy"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
-
-
-def checkpoint_name(state):
-    """step-N mid-epoch, step-N-end after an epoch: names sort in the order they were taken."""
-    return f"step-{state['global_step']:08d}" + ("" if state["step"] else "-end")
 
 
 def split_optimizer_state(opt_state, prefix=""):
@@ -2211,7 +2252,8 @@ class TrainedState:
 def save_checkpoint(out_dir, snapshot, state, keep):
     """Write TrainedState.snapshot() and the run's state as the newest checkpoint."""
     root = out_dir / "checkpoints"
-    final = root / checkpoint_name(state)
+    # step-N mid-epoch, step-N-end after an epoch: names sort in the order they were taken
+    final = root / (f"step-{state['global_step']:08d}" + ("" if state["step"] else "-end"))
     if final.exists():  # this very state is saved already (Ctrl-C right after a checkpoint)
         if not damaged_files(final):
             return final
@@ -2380,28 +2422,29 @@ def put_back(out_dir):
 
 
 # ----------------------------------------------------------------------------
-# 14. Results: metrics per epoch, the loss/accuracy plot, the final model.
+# 16. Results: metrics per epoch, the loss/accuracy plot, the final model.
 # ----------------------------------------------------------------------------
 
-def write_results(out_dir, state):
-    with open(out_dir / "metrics.jsonl", "w") as f:
-        f.writelines(json.dumps(m) + "\n" for m in state["metrics"])
-    (out_dir / "loss_curve.json").write_text(json.dumps(state["loss_curve"]))
+def write_results(out_dir, metrics, loss_curve):
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    if state["loss_curve"]:
-        steps, losses = zip(*state["loss_curve"])
-        loss_ax.plot(steps, losses, marker="o" if len(steps) <= 50 else None)  # few: visible
-    loss_ax.set(xlabel="optimizer step", ylabel="train loss", title="Training loss")
-    epochs = [m["epoch"] for m in state["metrics"]]
-    acc_ax.plot(epochs, [m["accuracy"] for m in state["metrics"]], marker="o")
-    acc_ax.set_xticks(epochs)
-    acc_ax.set(xlabel="epoch", ylabel="accuracy", title="Validation accuracy")
-    fig.tight_layout()
-    fig.savefig(out_dir / "curves.png")
-    plt.close(fig)
+    with writing(f"the results in {out_dir}"):
+        with open(out_dir / "metrics.jsonl", "w") as f:
+            f.writelines(json.dumps(m) + "\n" for m in metrics)
+        (out_dir / "loss_curve.json").write_text(json.dumps(loss_curve))
+        fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+        if loss_curve:
+            steps, losses = zip(*loss_curve)
+            loss_ax.plot(steps, losses, marker="o" if len(steps) <= 50 else None)  # few: visible
+        loss_ax.set(xlabel="optimizer step", ylabel="train loss", title="Training loss")
+        epochs = [m["epoch"] for m in metrics]
+        acc_ax.plot(epochs, [m["accuracy"] for m in metrics], marker="o")
+        acc_ax.set_xticks(epochs)
+        acc_ax.set(xlabel="epoch", ylabel="accuracy", title="Validation accuracy")
+        fig.tight_layout()
+        fig.savefig(out_dir / "curves.png")
+        plt.close(fig)
 
 
 def save_model(out_dir, model, tokenizer):
@@ -2414,7 +2457,7 @@ def save_model(out_dir, model, tokenizer):
 
 
 # ----------------------------------------------------------------------------
-# 15. The same recipe on CUDA or CPU, in one process or many (torchrun).
+# 17. The same recipe on CUDA or CPU, in one process or many (torchrun).
 #
 # Nothing here forces static shapes, so by default each batch is padded only to
 # its longest review, and reviews of similar length are batched together. The
@@ -2422,47 +2465,50 @@ def save_model(out_dir, model, tokenizer):
 # model runs by itself.
 # ----------------------------------------------------------------------------
 
-BUCKET = 64  # --padding buckets: batch lengths are multiples of this (8 shapes at 512)
-
-
 def finetune_with_torch(args, device, model, plan, data, ranks, run):
     """The tutorial's recipe with plain PyTorch: one process, DDP, or pipeline stages."""
-    pipelined = ranks.stages > 1
+    # An optimizer step: micro-batches of --batch-size, accumulated as on the IPU, on
+    # every replica (each of torchrun's data-parallel copies) a share of its batch.
     accumulation = gradient_accumulation(args, ranks.stages)
     step_batch = args.batch_size * accumulation  # one replica's share of an optimizer step
     step_size = step_batch * ranks.replicas
     require_train_samples(data, step_size, "one optimizer step's batch")
     train_set = data.train_dataset(step_size, accumulation * ranks.replicas, multiple=step_size)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    make_loader = functools.partial(torch_loader, pad_id=data.pad_id,  # section 18
+                                    multiple=BUCKET if run.padding == "buckets" else 1,
+                                    pin_memory=device.type == "cuda")
+
+    # The step functions: the whole model here (alone, or a DDP replica), or this rank's
+    # pipeline stage. A training step is forward, backward and the optimizer's step.
+    autocast_dtype = choose_precision(args, device)  # section 19
     classifier = data.classifier(model)  # packed rows: section 11
-    if pipelined:
-        run.say_stage_plan(model, plan, f"one stage per rank, {ranks.replicas} replica(s)")
+    if ranks.stages > 1:
+        run.progress.say_stage_plan(model, plan, f"one stage per rank, {ranks.replicas} replica(s)")
         train_step, eval_step, optimizer, stage = pipeline_steps(
             classifier, plan, args, ranks, device, accumulation)
     else:
-        train_step, eval_step, optimizer = data_parallel_steps(classifier, args, device, ranks,
-                                                               accumulation)
+        train_step, eval_step, optimizer = data_parallel_steps(
+            classifier, args, device, ranks, accumulation, autocast_dtype)
         stage = None
-    run.save_checkpoints_of(model, optimizer, mid_epoch=True, stage=stage)
-    run.resume_if_asked()
-    loading = dict(pad_id=data.pad_id, multiple=BUCKET if run.padding == "buckets" else 1,
-                   pin_memory=device.type == "cuda")
-    eval_loader, eval_order = eval_data(data, args, pipelined, ranks, loading)
-    steps = StepGraphs(train_step, eval_step)
+    run.checkpoints.hold(model, optimizer, mid_epoch=True, stage=stage)
+    run.checkpoints.resume_if_asked()
+    eval_loader, eval_order = eval_data(data, args, ranks, make_loader)
+    graphs = None  # or each step's kernels captured once, then replayed in one launch
     if use_cuda_graphs(args, device, ranks, run.padding):
-        capture_steps(steps, run, train_set, step_size, eval_loader, loading, device)
-    run.warmup_seconds = steps.seconds
-    run.state["train_seconds"] += steps.seconds  # the warm-up counts in the reported speed
-    steps_per_epoch = len(train_set) // step_size
+        first_step = make_loader(train_set, [list(range(step_size))])
+        graphs = capture_steps(train_step, eval_step, args, run.padding, first_step,
+                               eval_loader, device)
+        train_step, eval_step = graphs.replaying("train"), graphs.replaying("eval")
+    run.warmup_seconds = graphs.seconds if graphs else 0.0
+    run.state["train_seconds"] += run.warmup_seconds  # the warm-up counts in the reported speed
     if ranks.enabled:
         run.say(f"torchrun: {ranks.world} ranks = {ranks.replicas} replica(s) x {ranks.stages} "
                 f"stage(s); {counted(step_size, data.unit)} per optimizer step")
-    run.start(steps_per_epoch=steps_per_epoch, eval_batches=len(eval_loader), step_rows=step_size,
-              accumulation=accumulation, device=describe_device(device, ranks),
-              extra={"precision": describe_precision(args, device),
-                     "train and eval steps": describe_steps(steps, args, device, ranks)})
+    run.start(model, steps_per_epoch=len(train_set) // step_size, eval_batches=len(eval_loader),
+              step_rows=step_size, accumulation=accumulation, device=describe_device(device, ranks),
+              extra={"precision": describe_precision(autocast_dtype, device),
+                     "train and eval steps": describe_steps(graphs, args, device, ranks)})
+
     group_by_length = args.group_by_length == "yes" or (
         args.group_by_length == "auto" and run.padding in ("dynamic", "buckets"))
     share = slice(ranks.replica * step_batch, (ranks.replica + 1) * step_batch)
@@ -2470,17 +2516,131 @@ def finetune_with_torch(args, device, model, plan, data, ranks, run):
         data.pack_epoch(epoch)
         if run.state["batches"] is None:  # every replica's batches, kept in the checkpoint
             run.state["batches"] = data.train_batches(step_size, args.seed, epoch, group_by_length)
-        todo = run.state["batches"][run.state["step"]:]
-        loader = torch_loader(train_set, [b[share] for b in todo], **loading)
-        train_epoch(lambda batch: steps.run("train", to_device(batch, device)), loader, todo,
-                    data, run)
-        start = time.perf_counter()
-        accuracy = evaluate(lambda batch: steps.run("eval", to_device(batch, device)),
-                            eval_loader, eval_order, data.eval_labels, run.bar, ranks)
-        run.end_epoch(accuracy, time.perf_counter() - start)
-    if pipelined:  # each stage trained its own weights: bring them into rank 0's model
-        gather_pipeline_weights(model, run.saving, ranks)
+        todo = run.state["batches"][run.state["step"]:]  # resumed mid-epoch: the steps left
+        loader = make_loader(train_set, [step[share] for step in todo])  # this replica's rows
+        losses, samples = [], 0
+        for i, (step, batch) in enumerate(zip(todo, loader)):
+            losses.append(train_step(to_device(batch, device)))
+            samples += data.samples_in_rows(step)
+            # Each loss stays on the device, and the host reads them (one sync) only when
+            # the run needs them: every --log-every and --save-every steps, at a stop
+            # request and at the epoch's end. Meanwhile it queues the next steps' work,
+            # so a GPU never waits for the host to look at a loss.
+            if run.reading_due(len(losses)) or i == len(todo) - 1:
+                run.steps_done(torch.stack(losses).tolist(), samples)
+                losses, samples = [], 0
 
+        start = time.perf_counter()
+        accuracy = evaluate(eval_step, eval_loader, eval_order, data.eval_labels, device,
+                            run.progress, ranks)
+        run.end_epoch(accuracy, time.perf_counter() - start)
+    if ranks.stages > 1:  # each stage trained its own weights: bring them into rank 0's model
+        gather_pipeline_weights(model, run.checkpoints.held, ranks)
+
+
+def data_parallel_steps(model, args, device, ranks, accumulation, autocast_dtype):
+    """The whole model in this process: alone, or one DDP replica under torchrun."""
+    model.to(device)
+    train_model = model
+    if ranks.enabled:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = adamw(model.parameters(), args.lr, device)
+    train_step, eval_step = torch_steps(
+        torch.compile(train_model) if args.compile else train_model, model, optimizer, args,
+        device, accumulation, autocast_dtype, ranks)
+    return train_step, eval_step, optimizer
+
+
+def torch_steps(model, eval_model, optimizer, args, device, accumulation, autocast_dtype, ranks):
+    # Autocast's weight cache must be off where the steps are captured in CUDA graphs.
+    autocast = (lambda: torch.autocast(device.type, dtype=autocast_dtype, cache_enabled=False)) \
+        if autocast_dtype else contextlib.nullcontext
+    update = SkipNonFinite(optimizer, args.on_nan, device)
+
+    def train_step(batch, apply=True):
+        """One optimizer step on device tensors; returns its loss, still on the device."""
+        model.train()
+        total = torch.zeros((), device=device)
+        # Gradient accumulation: the step's batch is cut into micro-batches whose
+        # gradients add up before one optimizer step, as on the IPU. Under DDP the
+        # gradients are averaged over the replicas once, with the last micro-batch.
+        micro_batches = list(zip(*(v.chunk(accumulation) for v in batch.values())))
+        for i, micro in enumerate(micro_batches):
+            no_sync = getattr(model, "no_sync", None) if i < len(micro_batches) - 1 else None
+            with no_sync() if no_sync else contextlib.nullcontext():
+                with autocast():
+                    loss = model(**dict(zip(batch, micro))).loss / accumulation
+                loss.backward()
+            total += loss.detach()
+        total = mean_over_replicas(total, ranks)
+        update.step(total, apply)
+        return total
+
+    @torch.no_grad()
+    def eval_step(batch):
+        eval_model.eval()
+        with autocast():
+            return eval_model(**model_inputs(batch)).logits.float()
+
+    return train_step, eval_step
+
+
+class SkipNonFinite:
+    """The optimizer step, skipped on the device when the step's loss is not finite.
+
+    The host never waits for a loss to decide (a GPU would sit idle meanwhile):
+    the fused AdamW takes a `found_inf` flag, as GradScaler uses it, and then
+    leaves weights and moments as they were. With --on-nan stop, every later step
+    is skipped too, until the host reads the losses (every --log-every steps),
+    stops and saves the last good weights. Without the fused kernel (torch < 2.4
+    on CPU) the host reads the flag: a sync, but a free one on a CPU.
+    """
+
+    def __init__(self, optimizer, on_nan, device):
+        self.optimizer, self.sticky = optimizer, on_nan == "stop"
+        self.bad = torch.zeros((), dtype=torch.bool, device=device)
+        self.fused = bool(optimizer.defaults.get("fused"))
+
+    def step(self, loss, apply=True):
+        skip = ~torch.isfinite(loss) if apply else torch.ones_like(self.bad)  # warm-up: no update
+        if self.sticky and apply:
+            skip = skip | self.bad
+            self.bad.copy_(skip)
+        if self.fused:
+            self.optimizer.found_inf = skip.float()
+            self.optimizer.step()
+            del self.optimizer.found_inf
+        elif not skip:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def evaluate(eval_step, loader, order, labels, device, progress, ranks):
+    """Accuracy over every eval sample; `order` says which sample each prediction is.
+
+    Every rank predicts its share of the batches; all predictions are gathered
+    (the analog of output mode All) and each sample must be predicted at least
+    once: repeats, from padding to whole batches, are the same sample's.
+    """
+    batch_predictions = []
+    for batch in loader:
+        logits = eval_step(to_device(batch, device))
+        if logits is not None:  # None: a pipeline stage before the last
+            batch_predictions.append(logits.argmax(-1))  # on the device: no wait per batch
+        progress.advance(1)
+    mine = [(order, torch.cat(batch_predictions).cpu().numpy())] if batch_predictions else []
+    if ranks.enabled:
+        everyone = [None] * ranks.world
+        dist.all_gather_object(everyone, mine)
+        mine = [part for parts in everyone for part in parts]
+    reviews, predicted = (np.concatenate(parts) for parts in zip(*mine))
+    return accuracy_score(labels, review_predictions(predicted, reviews, len(labels)))
+
+
+# ----------------------------------------------------------------------------
+# 18. Batches and loaders: which samples make each batch, and how it is padded.
+# ----------------------------------------------------------------------------
 
 def train_batches(lengths, batch_size, seed, epoch, group_by_length):
     """The epoch's batches as lists of sample indices (shuffle, drop_last).
@@ -2513,6 +2673,27 @@ def eval_batches(lengths, batch_size):
 def batches_in_order(n, batch_size):
     """0..n-1 in consecutive batches: for rows already in order and in whole batches."""
     return [list(range(i, i + batch_size)) for i in range(0, n, batch_size)]
+
+
+def eval_data(data, args, ranks, make_loader):
+    """This rank's eval batches, and the review each prediction is.
+
+    Traced pipelines and packed rows take whole batches of static rows; otherwise
+    reviews of similar length share a batch, longest first.
+    """
+    pipelined = ranks.stages > 1
+    if pipelined or data.packing:
+        size = args.batch_size * args.device_iterations if pipelined else (
+            args.eval_batch_size or args.batch_size * args.device_iterations)
+        eval_set, reviews = data.eval_dataset(size)
+        batches = batches_in_order(len(eval_set), size)
+    else:
+        eval_set, reviews = data.eval, np.arange(len(data.eval))
+        batches = eval_batches(data.eval_lengths, args.eval_batch_size or
+                               args.batch_size * args.device_iterations)
+    mine = batches[ranks.replica::ranks.replicas]
+    order = reviews[[i for batch in mine for i in batch]]
+    return make_loader(eval_set, mine), order
 
 
 def pad_collate(pad_id, multiple=1):
@@ -2550,68 +2731,34 @@ def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-class SkipNonFinite:
-    """The optimizer step, skipped on the device when the step's loss is not finite.
+# ----------------------------------------------------------------------------
+# 19. Precision and CUDA graphs: what makes a GPU's step fast.
+# ----------------------------------------------------------------------------
 
-    The host never waits for a loss to decide (a GPU would sit idle meanwhile):
-    the fused AdamW takes a `found_inf` flag, as GradScaler uses it, and then
-    leaves weights and moments as they were. With --on-nan stop, every later step
-    is skipped too, until the host reads the losses (every --log-every steps),
-    stops and saves the last good weights. Without the fused kernel (torch < 2.4
-    on CPU) the host reads the flag: a sync, but a free one on a CPU.
-    """
-
-    def __init__(self, optimizer, on_nan, device):
-        self.optimizer, self.sticky = optimizer, on_nan == "stop"
-        self.bad = torch.zeros((), dtype=torch.bool, device=device)
-        self.fused = bool(optimizer.defaults.get("fused"))
-
-    def step(self, loss, apply=True):
-        skip = ~torch.isfinite(loss) if apply else torch.ones_like(self.bad)  # warm-up: no update
-        if self.sticky and apply:
-            skip = skip | self.bad
-            self.bad.copy_(skip)
-        if self.fused:
-            self.optimizer.found_inf = skip.float()
-            self.optimizer.step()
-            del self.optimizer.found_inf
-        elif not skip:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+def choose_precision(args, device):
+    """The autocast dtype (None: float32). On CUDA, float32 matmuls run in TF32."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and device.type == "cuda")
+    return torch.bfloat16 if bf16 else None
 
 
-def torch_steps(model, eval_model, optimizer, args, device, accumulation, autocast_dtype, ranks):
-    # Autocast's weight cache must be off where the steps are captured in CUDA graphs.
-    autocast = (lambda: torch.autocast(device.type, dtype=autocast_dtype, cache_enabled=False)) \
-        if autocast_dtype else contextlib.nullcontext
-    update = SkipNonFinite(optimizer, args.on_nan, device)
+def describe_precision(autocast_dtype, device):
+    if autocast_dtype is not None:
+        return "bfloat16 autocast"
+    return "float32" + (" (TF32 matmuls)" if device.type == "cuda" else "")
 
-    def train_step(batch, apply=True):
-        """One optimizer step on device tensors; returns its loss, still on the device."""
-        model.train()
-        total = torch.zeros((), device=device)
-        # Gradient accumulation: the step's batch is cut into micro-batches whose
-        # gradients add up before one optimizer step, as on the IPU. Under DDP the
-        # gradients are averaged over the replicas once, with the last micro-batch.
-        micro_batches = list(zip(*(v.chunk(accumulation) for v in batch.values())))
-        for i, micro in enumerate(micro_batches):
-            no_sync = getattr(model, "no_sync", None) if i < len(micro_batches) - 1 else None
-            with no_sync() if no_sync else contextlib.nullcontext():
-                with autocast():
-                    loss = model(**dict(zip(batch, micro))).loss / accumulation
-                loss.backward()
-            total += loss.detach()
-        total = mean_over_replicas(total, ranks)
-        update.step(total, apply)
-        return total
 
-    @torch.no_grad()
-    def eval_step(batch):
-        eval_model.eval()
-        with autocast():
-            return eval_model(**model_inputs(batch)).logits.float()
-
-    return train_step, eval_step
+def use_cuda_graphs(args, device, ranks, padding):
+    """auto: on one CUDA process with static shapes (--compile captures its own)."""
+    if args.cuda_graphs == "no":
+        return False
+    possible = device.type == "cuda" and not ranks.enabled and padding != "dynamic"
+    if args.cuda_graphs == "yes" and not possible:
+        raise FinetuneError("--cuda-graphs yes needs one process on CUDA with static shapes "
+                            "(--padding buckets, max_length or packed)")
+    return possible and not args.compile
 
 
 class StepGraphs:
@@ -2663,6 +2810,11 @@ class StepGraphs:
             self.failed, self.graphs = first_line(exc), {}
         self.seconds += time.perf_counter() - start
 
+    def replaying(self, name):
+        """The step as the loop calls it: its graph replayed, or run eagerly for a shape
+        not captured (a last, shorter eval batch)."""
+        return functools.partial(self.run, name)
+
     def run(self, name, batch):
         captured = self.graphs.get(self.key(name, batch))
         if captured is None:
@@ -2674,6 +2826,22 @@ class StepGraphs:
         return out.clone()  # the next replay writes over `out`
 
 
+def capture_steps(train_step, eval_step, args, padding, first_step, eval_loader, device):
+    """A graph per shape the run will meet: each bucket's length (or the one static
+    length), for a training step and for a full eval batch."""
+    lengths = [args.max_length]
+    if padding == "buckets":
+        lengths = sorted({min(n, args.max_length)
+                          for n in range(BUCKET, round_up(args.max_length, BUCKET) + 1, BUCKET)})
+    graphs = StepGraphs(train_step, eval_step)
+    graphs.capture("train", bucket_examples(to_device(next(iter(first_step)), device), lengths))
+    graphs.capture("eval", bucket_examples(to_device(next(iter(eval_loader)), device), lengths))
+    if graphs.failed:
+        tqdm.write(f"warning: capturing CUDA graphs failed ({graphs.failed}); "
+                   "every step runs eagerly instead")
+    return graphs
+
+
 def bucket_examples(batch, lengths):
     """The batch padded or cut to each of these lengths: one example per shape to capture."""
     tokens = ("input_ids", "attention_mask")
@@ -2681,96 +2849,12 @@ def bucket_examples(batch, lengths):
              for k, v in batch.items()} for n in lengths]
 
 
-def evaluate(eval_step, loader, order, labels, bar, ranks):
-    """Accuracy over every eval sample; `order` says which sample each prediction is.
-
-    Every rank predicts its share of the batches; all predictions are gathered
-    (the analog of output mode All) and each sample must be predicted at least
-    once: repeats, from padding to whole batches, are the same sample's.
-    """
-    batch_predictions = []
-    for batch in loader:
-        logits = eval_step(batch)
-        if logits is not None:  # None: a pipeline stage before the last
-            batch_predictions.append(logits.argmax(-1))  # on the device: no wait per batch
-        bar.update(1)
-    mine = [(order, torch.cat(batch_predictions).cpu().numpy())] if batch_predictions else []
-    if ranks.enabled:
-        everyone = [None] * ranks.world
-        dist.all_gather_object(everyone, mine)
-        mine = [part for parts in everyone for part in parts]
-    reviews, predicted = (np.concatenate(parts) for parts in zip(*mine))
-    return accuracy_score(labels, review_predictions(predicted, reviews, len(labels)))
-
-
-def data_parallel_steps(model, args, device, ranks, accumulation):
-    """The whole model in this process: alone, or one DDP replica under torchrun."""
-    model.to(device)
-    train_model = model
-    if ranks.enabled:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = adamw(model.parameters(), args.lr, device)
-    train_step, eval_step = torch_steps(
-        torch.compile(train_model) if args.compile else train_model, model, optimizer, args,
-        device, accumulation, torch.bfloat16 if use_bf16(args, device) else None, ranks)
-    return train_step, eval_step, optimizer
-
-
-def train_epoch(train_step, loader, todo, data, run):
-    """The epoch's remaining optimizer steps.
-
-    Their losses stay on the device, and the host reads them (one sync) only when
-    the Run needs them: every --log-every and --save-every steps, at a stop
-    request and at the epoch's end. Meanwhile it queues the next steps' work, so
-    a GPU never waits for the host to look at a loss.
-    """
-    pending, samples = [], 0
-    for i, (step, batch) in enumerate(zip(todo, loader)):
-        pending.append(train_step(batch))
-        samples += data.samples_in_rows(step)
-        if run.reading_due(len(pending)) or i == len(todo) - 1:
-            run.steps_done(torch.stack(pending).tolist(), samples)
-            pending, samples = [], 0
-
-
-def use_bf16(args, device):
-    return args.bf16 == "yes" or (args.bf16 == "auto" and device.type == "cuda")
-
-
-def use_cuda_graphs(args, device, ranks, padding):
-    """auto: on one CUDA process with static shapes (--compile captures its own)."""
-    if args.cuda_graphs == "no":
-        return False
-    possible = device.type == "cuda" and not ranks.enabled and padding != "dynamic"
-    if args.cuda_graphs == "yes" and not possible:
-        raise FinetuneError("--cuda-graphs yes needs one process on CUDA with static shapes "
-                            "(--padding buckets, max_length or packed)")
-    return possible and not args.compile
-
-
-def capture_steps(steps, run, train_set, step_size, eval_loader, loading, device):
-    """Capture a graph per shape the run will meet: each bucket's length (or the one
-    static length), for a training step and for a full eval batch."""
-    args = run.args
-    lengths = [args.max_length]
-    if run.padding == "buckets":
-        lengths = sorted({min(n, args.max_length)
-                          for n in range(BUCKET, round_up(args.max_length, BUCKET) + 1, BUCKET)})
-    train_example = next(iter(torch_loader(train_set, [list(range(step_size))], **loading)))
-    steps.capture("train", bucket_examples(to_device(train_example, device), lengths))
-    steps.capture("eval", bucket_examples(to_device(next(iter(eval_loader)), device), lengths))
-    if steps.failed:
-        tqdm.write(f"warning: capturing CUDA graphs failed ({steps.failed}); "
-                   "every step runs eagerly instead")
-
-
-def describe_steps(steps, args, device, ranks):
-    if steps.graphs:
-        return (f"CUDA graphs, {len(steps.graphs)} shapes captured in {steps.seconds:.1f} s "
-                f"({steps.warm_up_seconds:.1f} s of it warming up; counted in the first "
+def describe_steps(graphs, args, device, ranks):
+    if graphs and graphs.graphs:
+        return (f"CUDA graphs, {len(graphs.graphs)} shapes captured in {graphs.seconds:.1f} s "
+                f"({graphs.warm_up_seconds:.1f} s of it warming up; counted in the first "
                 "epoch's time)")
-    why = (f"capturing CUDA graphs failed: {steps.failed}" if steps.failed else
+    why = (f"capturing CUDA graphs failed: {graphs.failed}" if graphs else
            "torch.compile" if args.compile else
            "--cuda-graphs no" if args.cuda_graphs == "no" else
            "torchrun" if ranks.enabled and device.type == "cuda" else
@@ -2779,41 +2863,8 @@ def describe_steps(steps, args, device, ranks):
     return f"eager ({why})"
 
 
-def describe_precision(args, device):
-    if use_bf16(args, device):
-        return "bfloat16 autocast"
-    return "float32" + (" (TF32 matmuls)" if device.type == "cuda" else "")
-
-
-def eval_data(data, args, pipelined, ranks, loading):
-    """This rank's eval batches, and the review each prediction is.
-
-    Traced pipelines and packed rows take whole batches of static rows; otherwise
-    reviews of similar length share a batch, longest first.
-    """
-    if pipelined or data.packing:
-        size = args.batch_size * args.device_iterations if pipelined else (
-            args.eval_batch_size or args.batch_size * args.device_iterations)
-        eval_set, reviews = data.eval_dataset(size)
-        batches = batches_in_order(len(eval_set), size)
-    else:
-        eval_set, reviews = data.eval, np.arange(len(data.eval))
-        batches = eval_batches(data.eval_lengths, args.eval_batch_size or
-                               args.batch_size * args.device_iterations)
-    mine = batches[ranks.replica::ranks.replicas]
-    order = reviews[[i for batch in mine for i in batch]]
-    return torch_loader(eval_set, mine, **loading), order
-
-
-def describe_device(device, ranks):
-    if not ranks.enabled:
-        return str(device)
-    return (f"{device.type}, torchrun: {ranks.world} ranks = {ranks.replicas} replica(s) x "
-            f"{ranks.stages} stage(s)")
-
-
 # ----------------------------------------------------------------------------
-# 16. More devices with torchrun: pipeline stages and replicas on GPUs or CPUs.
+# 20. More devices with torchrun: pipeline stages and replicas on GPUs or CPUs.
 #
 # Under `torchrun --nproc-per-node N finetune_electra.py --stages S` every
 # process is one rank, switched on by torchrun's environment as in nanoGPT.
@@ -2947,7 +2998,7 @@ def gather_pipeline_weights(model, held, ranks):
 
 
 # ----------------------------------------------------------------------------
-# 17. Prediction with a fine-tuned model.
+# 21. Prediction with a fine-tuned model.
 # ----------------------------------------------------------------------------
 
 BLANK = "-"  # --predict-file: a blank line's label and probability
@@ -3011,7 +3062,7 @@ def read_lines(path):
 
 
 # ----------------------------------------------------------------------------
-# 18. Errors the user can fix, and the text files they come from.
+# 22. Errors the user can fix, and the text files they come from.
 # ----------------------------------------------------------------------------
 
 class FinetuneError(Exception):

@@ -61,9 +61,9 @@ def test_losses_are_read_every_log_every_steps_and_at_the_epoch_end(tiny_model_d
     steps_done = fe.Run.steps_done
 
     def record(run, losses, samples, updates_applied=False):
-        before = run.bar.n
+        before = run.progress.bar.n
         steps_done(run, losses, samples, updates_applied)
-        readings.append((run.state["global_step"] - len(losses), len(losses), run.bar.n - before))
+        readings.append((run.state["global_step"] - len(losses), len(losses), run.progress.bar.n - before))
 
     monkeypatch.setattr(fe.Run, "steps_done", record)
     fe.main(run_args(tiny_model_dir, sentiment_dir, tmp_path, "--log-every", "20",

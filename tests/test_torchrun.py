@@ -36,7 +36,7 @@ def deterministic_model_dir(tmp_path_factory, tiny_model_dir):
 
 
 NEEDS_PIPELINING = pytest.mark.skipif(
-    not fe.has_pipelining(),
+    fe.TORCH_VERSION < (2, 4),
     reason=f"torch.distributed.pipelining needs torch 2.4+, this is torch {torch.__version__}")
 LAYOUTS = {  # name: (processes, arguments)
     "ddp": (2, ["--stages", "1", "--gradient-accumulation", "2"]),
@@ -74,7 +74,7 @@ def runs(request, deterministic_model_dir, sentiment_dir, tmp_path_factory):
         fe.main([*data, "--gradient-accumulation", "4", "--output-dir", str(root / "single")])
     (root / "single" / "stdout.txt").write_text(printed.getvalue())
     for name, (nproc, layout) in LAYOUTS.items():
-        if name in PIPELINE_LAYOUTS and not fe.has_pipelining():
+        if name in PIPELINE_LAYOUTS and fe.TORCH_VERSION < (2, 4):
             continue
         proc = torchrun(nproc, *data, *layout, "--output-dir", str(root / name))
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -155,7 +155,7 @@ def test_impossible_layout_is_a_clear_error_before_work(deterministic_model_dir,
 def test_pipelines_without_torch_pipelining_are_a_clear_error_before_work(
         monkeypatch, capsys, tmp_path):
     """The IPU host's torch 2.0.1 has no torch.distributed.pipelining: say so before any work."""
-    monkeypatch.setattr(fe, "has_pipelining", lambda: False)
+    monkeypatch.setattr(fe, "TORCH_VERSION", (2, 0))
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     err = cli_error(capsys, ["--device", "cpu", "--stages", "2", "--output-dir", str(tmp_path)])
