@@ -1762,10 +1762,10 @@ class Run:
         if self.checkpoints.held:
             self.checkpoints.save()
 
-    def close(self):
+    def close(self, stopping=False):
         self.progress.close()
         if self.stop is not None:
-            self.stop.restore()
+            self.stop.restore(stopping)
             self.stop = self.checkpoints.stop = None
 
 
@@ -1941,9 +1941,11 @@ class StopRequest:
         self.previous = {sig: signal.signal(sig, self.handle)
                          for sig in (signal.SIGINT, signal.SIGTERM)}
 
-    def restore(self):
+    def restore(self, stopping=False):
+        """The handlers from before; a run that a signal stops ignores any further one
+        (a Ctrl-C on the way out would cut its exit into a traceback)."""
         for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if stopping else handler)
 
     def handle(self, signum, frame):
         if self.signal is None:
@@ -1982,7 +1984,7 @@ def exit_on_stop(run, why):
     if run.ranks.is_main and run.state["interval_steps"]:  # the last steps' loss too
         write_results(run.out_dir, run.state["metrics"],  # (a resume re-reads them)
                       run.state["loss_curve"] + run.progress.interval_reading())
-    run.close()
+    run.close(stopping=True)
     how = "" if save else " (a second one: at once, without saving)"
     run.say(f"\nstopped by {signal.Signals(signum).name}{how} at epoch {run.state['epoch'] + 1}, "
             f"step {run.state['step']}; checkpoint: {path}\nresume with: "
