@@ -1971,8 +1971,12 @@ class StopRequest:
             return self.signal is not None
         flag = torch.tensor([self.signal or 0], dtype=torch.int32, device=ranks.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # a signal's number, on any rank
-        self.signal = self.signal or int(flag) or None
-        return self.signal is not None
+        # Only what all ranks saw decides: a signal that lands after the all-reduce waits
+        # for the next step's, or one rank would stop a step before the others.
+        agreed = int(flag)
+        if agreed:
+            self.signal = self.signal or agreed
+        return bool(agreed)
 
 
 def exit_on_stop(run, why):
