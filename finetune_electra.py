@@ -9,14 +9,14 @@ iterations and output (anchor) modes; on CUDA or CPU, the same recipe in plain P
     python finetune_electra.py                        # the tutorial's recipe
     python finetune_electra.py --model DIR --dataset DIR --train-samples 2000
 
-Part one, up to the banner "Part two" at line 443, is the tutorial in its order:
+Part one, up to the banner "Part two" at line 458, is the tutorial in its order:
     1. Data: IMDB, tokenized           3. Pipeline stages: which layer on which IPU
     2. Model: ELECTRA, a new head      4. The IPU flow, in one function: finetune_on_ipus()
     5. finetune() and main(): what runs, and on which device
 Part two is what a first reading may skip; each helper that part one calls is there under
 its own name: argument checks, devices and torchrun's processes, the output directory,
-data from disk, packing, progress, checkpoints, results, the CUDA/CPU flow, torchrun's
-pipelines, prediction.
+data from disk, packing, the optimizer's controls (schedule, weight decay, clipping),
+progress, checkpoints, results, the CUDA/CPU flow, torchrun's pipelines, prediction.
 """
 
 import argparse
@@ -25,6 +25,7 @@ import contextlib
 import fcntl
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -34,6 +35,7 @@ import signal
 import socket
 import sys
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -41,7 +43,7 @@ import numpy as np
 import pyarrow.compute
 import torch
 import torch.distributed as dist
-from sklearn.metrics import accuracy_score
+from sklearn.metrics import accuracy_score, f1_score
 from tqdm.auto import tqdm
 
 # PopTorch comes with Graphcore's Poplar SDK; without it we run on CUDA or CPU.
@@ -289,15 +291,25 @@ def samples_in(batch):
     return int((batch["labels"] != -100).sum())
 
 
-def review_predictions(predicted, reviews, n):
-    """Each review's prediction, from predictions per row (or per slot) and the review
-    each one is (-1: an empty slot). Padding repeats reviews: each must be predicted."""
-    out = np.full(n, -1, dtype=np.int64)
-    filled = reviews >= 0
-    out[reviews[filled]] = predicted[filled]
-    if (out < 0).any():
-        raise RuntimeError(f"{(out < 0).sum()} eval samples got no prediction")
-    return out
+def validate_on_ipus(inference_model, eval_loader, eval_reviews, labels, progress, between=None):
+    """The tutorial's validation: attach the inference model (which uploads the trained
+    weights), predict every eval batch, detach. Accuracy, F1, loss, and the seconds.
+    between: the training model, attached (--eval-steps, mid-epoch): the same swap, at a
+    boundary of host calls: detached first, attached again after."""
+    if between is not None:
+        between.detachFromDevice()
+    inference_model.attachToDevice()
+    start, predictions, losses = time.perf_counter(), [], []
+    for batch in eval_loader:
+        _, logits = inference_model(**batch)
+        predictions.append(logits.argmax(-1))
+        losses.append(eval_losses(logits, batch["labels"]))
+        progress.advance(1)  # the bar counts eval batches too
+    inference_model.detachFromDevice()
+    if between is not None:
+        between.attachToDevice()
+    return (evaluation_of(torch.cat(predictions).numpy().reshape(-1), torch.cat(losses).numpy(),
+                          eval_reviews.reshape(-1), labels), time.perf_counter() - start)
 
 
 def finetune_on_ipus(args, model, plan, data, run):
@@ -332,7 +344,7 @@ def finetune_on_ipus(args, model, plan, data, run):
     run.progress.say_stage_plan(model, plan, "applied with poptorch.BeginBlock")
     place_on_ipus(model, plan)
     wrapped = IPUWrapper(data.classifier(model))  # --padding packed: a PackedClassifier
-    optimizer = poptorch.optim.AdamW(wrapped.parameters(), lr=args.lr)
+    optimizer = ipu_adamw(wrapped, args)
     training_model = poptorch.trainingModel(wrapped, options=train_opts, optimizer=optimizer)
     inference_model = poptorch.inferenceModel(wrapped, options=eval_opts)
 
@@ -358,27 +370,25 @@ def finetune_on_ipus(args, model, plan, data, run):
               extra={"device iterations": f"{args.device_iterations} optimizer steps per call",
                      "host batch": counted(host_batch, data.unit),
                      "executable cache": args.executable_cache})
+    validate = functools.partial(validate_on_ipus, inference_model, eval_loader, eval_reviews,
+                                 data.eval_labels, run.progress)
+    run.evaluate = functools.partial(validate, between=training_model)  # for --eval-steps
     for epoch in run.epochs():
         data.pack_epoch(epoch)
         training_model.attachToDevice()
-        for batch in train_loader:
+        calls = run.plan.in_epoch(epoch) // args.device_iterations  # fewer: --max-steps
+        for batch in itertools.islice(train_loader, calls):
+            # The lr schedule reaches the IPU only through setOptimizer, so it changes once
+            # per host call (--device-iterations steps); the default constant lr never does.
+            if run.schedule.update(optimizer, run.state["global_step"]):
+                training_model.setOptimizer(optimizer)
             losses, _ = training_model(**batch)
             # One call ran device-iterations optimizer steps: one loss for each (the mean of
             # its micro-batches', on every replica), counted as the CPU loop counts them.
             step_losses = losses.reshape(args.device_iterations, -1).mean(1)
             run.steps_done(step_losses.tolist(), samples_in(batch), updates_applied=True)
         training_model.detachFromDevice()  # the trained weights come back to the host
-
-        inference_model.attachToDevice()   # and this uploads them for validation
-        start, predictions = time.perf_counter(), []
-        for batch in eval_loader:
-            _, logits = inference_model(**batch)
-            predictions.append(logits.argmax(-1))
-            run.progress.advance(1)  # the bar counts eval batches too
-        inference_model.detachFromDevice()
-        predicted = review_predictions(torch.cat(predictions).numpy(), eval_reviews, len(data.eval))
-        accuracy = accuracy_score(data.eval_labels, predicted)
-        run.end_epoch(accuracy, time.perf_counter() - start)  # prints "Accuracy: 0.xxx" ...
+        run.end_epoch(*validate())  # prints "Accuracy: 0.xxx" ...
 
 
 # ----------------------------------------------------------------------------
@@ -408,13 +418,18 @@ def finetune(args, device, ranks):
                 finetune_on_ipus(args, model, plan, data, run)
             else:
                 finetune_with_torch(args, device, model, plan, data, ranks, run)
+        except EarlyStop:  # --early-stopping-patience: the run ends, its best model kept
+            stopped_early(run)
         except (Interrupted, StopNow) as why:  # Ctrl-C, SIGTERM: save (a second: don't), exit
             exit_on_stop(run, why)
         finally:
             run.close()
 
-        # The fine-tuned model (on IPU the host copy, refreshed by the last detach).
+        # The fine-tuned model (on IPU the host copy, refreshed by the last detach), or
+        # with --load-best-model-at-end the best evaluation's.
         if ranks.is_main:
+            if args.load_best_model_at_end:
+                load_best_model(out_dir, model, run.state["best"], say)
             save_model(out_dir, model, tokenizer)
             say(f"model, metrics.jsonl and curves.png in {out_dir}")
         return run.state["metrics"]
@@ -526,7 +541,10 @@ def build_parser():
                        help="replay each train and eval step as a CUDA graph (auto: on one CUDA "
                        "process with static shapes)")
     train.add_argument("--bf16", choices=["auto", "yes", "no"], default="auto",
-                       help="bfloat16 autocast (auto: on CUDA only)")
+                       help="bfloat16 autocast (auto: the card's best: bfloat16 on CUDA compute "
+                       "capability 8.0 and newer, else float16 with loss scaling; CPU float32)")
+    train.add_argument("--fp16", action="store_true",
+                       help="float16 autocast with dynamic loss scaling (CUDA/CPU)")
     train.add_argument("--log-every", type=int, default=10,
                        help="steps between loss readings (progress bar, loss curve)")
     train.add_argument("--on-nan", choices=["stop", "skip"], default="stop",
@@ -547,8 +565,43 @@ def build_parser():
                      "same graphs skips compiling; 'none' turns it off")
     ipu.add_argument("--schedule", choices=["gpipe", "1f1b"], default="1f1b",
                      help="torchrun pipeline schedule")
+    add_trainer_arguments(p)
     add_output_arguments(p)
     return p
+
+
+def add_trainer_arguments(p):
+    """The controls a fine-tuner reaches for, named (and meant) as in HF's TrainingArguments.
+    Their defaults keep the tutorial's recipe: a constant lr, no clipping, no extra evaluation."""
+    sched = p.add_argument_group("schedule, regularisation and evaluation (as HF's Trainer)")
+    sched.add_argument("--lr-scheduler-type", choices=["constant", "linear", "cosine"],
+                       default="constant", help="the lr after warm-up: constant (the tutorial), "
+                       "or decaying to 0 at the last step, linearly or along a cosine")
+    sched.add_argument("--warmup-ratio", type=float, default=0.0,
+                       help="warm-up: the lr rises linearly from 0 over this share of all steps")
+    sched.add_argument("--warmup-steps", type=int, default=0,
+                       help="warm-up over this many optimizer steps (overrides --warmup-ratio)")
+    sched.add_argument("--weight-decay", type=float, default=0.01,
+                       help="AdamW's decoupled weight decay (its default, the tutorial's); "
+                       "biases and LayerNorm weights are not decayed, as in the Trainer")
+    sched.add_argument("--max-grad-norm", type=float, default=None,
+                       help="clip the gradients' global norm to this (default: no clipping, "
+                       "the tutorial; the Trainer's is 1.0)")
+    sched.add_argument("--max-steps", type=int, default=None,
+                       help="train this many optimizer steps in all (overrides --epochs)")
+    sched.add_argument("--eval-steps", type=int, default=None,
+                       help="also evaluate every N optimizer steps (always at each epoch end)")
+    sched.add_argument("--load-best-model-at-end", action="store_true",
+                       help="<output-dir>/model gets the weights of the best evaluation")
+    sched.add_argument("--metric-for-best-model", choices=["accuracy", "f1", "loss"],
+                       default="accuracy", help="what 'best' means: the highest accuracy or "
+                       "macro F1, or the lowest eval loss")
+    sched.add_argument("--early-stopping-patience", type=int, default=None,
+                       help="stop after this many evaluations without a better one (needs "
+                       "--load-best-model-at-end)")
+    sched.add_argument("--report-to", choices=["none", "tensorboard"], default="none",
+                       help="tensorboard: train loss, lr, eval metrics and speed as scalars "
+                       "in <output-dir>/tensorboard (pip install tensorboard)")
 
 
 def add_output_arguments(p):
@@ -622,21 +675,34 @@ def run_settings(out_dir):
     return settings
 
 
-def epochs_done(out_dir):
-    """The metrics of the epochs a run has finished (an unreadable file: none)."""
+def metric_lines(out_dir):
+    """metrics.jsonl: a line per epoch, and per evaluation between epoch ends (an unreadable
+    file: none)."""
     try:
         return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     except (OSError, ValueError):
         return []
 
 
+def epochs_done(out_dir_or_lines):
+    """The lines of the epochs a run has finished (of metric_lines, or of a directory's)."""
+    lines = out_dir_or_lines if isinstance(out_dir_or_lines, list) else \
+        metric_lines(out_dir_or_lines)
+    return [m for m in lines if "train_loss" in m]
+
+
 def refuse_finished_resume(args):
-    """--resume of a run that has every asked epoch and its model: nothing on disk changes."""
-    metrics = epochs_done(args.resume)
-    if is_finished(args.resume, args.epochs, metrics):
-        raise NothingToDo(f"{args.resume} holds a finished run ({len(metrics)} of {args.epochs} "
-                          f"epochs, accuracy {metrics[-1]['accuracy']:.3f}): nothing to resume; "
-                          f"pass --epochs {len(metrics) + 1} to train one more epoch")
+    """--resume of a finished run (is_finished): nothing on disk changes."""
+    lines = metric_lines(args.resume)
+    if is_finished(args.resume, vars(args), lines):
+        done = len(epochs_done(lines))
+        more = (f"it stopped early at step {lines[-1]['step']:,}; start a new run to train on"
+                if lines[-1].get("stopped_early") else
+                f"pass --max-steps {args.max_steps * 2} to train on" if args.max_steps else
+                f"pass --epochs {done + 1} to train one more epoch")
+        raise NothingToDo(f"{args.resume} holds a finished run ({done} of {args.epochs} "
+                          f"epochs, accuracy {lines[-1]['accuracy']:.3f}): nothing to resume; "
+                          + more)
 
 
 def resume_changes(saved, args):
@@ -659,11 +725,15 @@ def resume_changes(saved, args):
 # checked when the model is loaded.
 COUNTS = ("epochs", "batch_size", "eval_batch_size", "gradient_accumulation", "stages",
           "max_per_row", "device_iterations", "replicas", "train_samples", "eval_samples",
-          "log_every", "save_every", "keep")
+          "log_every", "save_every", "keep", "max_steps", "eval_steps", "early_stopping_patience")
 NUMBER_RANGES = [(name, lambda v: v >= 1, "at least 1") for name in COUNTS] + [
     ("max_length", lambda v: v >= 2, "at least 2 (the [CLS] and [SEP] tokens)"),
     ("seed", lambda v: 0 <= v < 2**32, "from 0 to 4294967295 (what numpy's generator takes)"),
     ("lr", lambda v: 0 < v <= 1, "more than 0 and at most 1 (above that AdamW only diverges)"),
+    ("warmup_ratio", lambda v: 0 <= v < 1, "from 0 up to, not including, 1"),
+    ("warmup_steps", lambda v: v >= 0, "0 or more"),
+    ("weight_decay", lambda v: 0 <= v < 1, "from 0 up to, not including, 1"),
+    ("max_grad_norm", lambda v: v > 0, "more than 0 (leave it out for no clipping)"),
 ]
 
 
@@ -675,6 +745,11 @@ def check_ranges(args):
             raise FinetuneError(f"--{name.replace('_', '-')} {value}: must be {words}")
     if args.label_names is not None and not all(args.label_names.split(",")):
         raise FinetuneError(f"--label-names {args.label_names!r}: a name is empty")
+    if args.early_stopping_patience and not args.load_best_model_at_end:
+        raise FinetuneError("--early-stopping-patience needs --load-best-model-at-end: early "
+                            "stopping keeps the best model, not the last")
+    if args.fp16 and args.bf16 == "yes":
+        raise FinetuneError("--fp16 and --bf16 yes: choose one precision")
 
 
 def check_device_args(args):
@@ -684,6 +759,19 @@ def check_device_args(args):
     elif args.replicas > 1:
         raise FinetuneError("--replicas is for IPUs; on CUDA/CPU start one process per replica "
                             "with torchrun (see the README)")
+    elif "RANK" in os.environ and args.stages > 1 and (args.fp16 or args.bf16 == "yes"):
+        raise FinetuneError(f"{'--fp16' if args.fp16 else '--bf16 yes'}: torchrun's pipeline "
+                            "stages are traced in float32; use --stages 1 (data parallel)")
+    if args.fp16 and args.device == "cpu" and not fp16_autocast_works("cpu"):
+        raise FinetuneError(f"--fp16: this torch ({torch.__version__}) has no float16 autocast "
+                            "on a CPU; train in float32 (leave --fp16 out)")
+    if args.report_to == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise FinetuneError("--report-to tensorboard needs the tensorboard package: pip "
+                                "install tensorboard (the versions in requirements-test.txt)"
+                                ) from None
 
 
 def check_ipu_args(args):
@@ -702,13 +790,22 @@ def check_ipu_args(args):
     if args.save_every:
         raise FinetuneError("--save-every is not available on IPU: the weights reach the host "
                             "only on detach, so checkpoints are taken at epoch ends")
+    if args.fp16:
+        raise FinetuneError("--fp16 is for CUDA and CPU: on IPUs half precision is the model's "
+                            "own dtype, with a static loss scale (not in this script)")
+    for name in ("eval_steps", "max_steps"):  # the host acts between calls, not within one
+        value = getattr(args, name)
+        if value and value % args.device_iterations:
+            raise FinetuneError(f"--{name.replace('_', '-')} {value}: on IPUs a multiple of "
+                                f"--device-iterations ({args.device_iterations}), as each host "
+                                "call runs that many steps")
 
 
 # ----------------------------------------------------------------------------
 # 7. Device and processes: which device, which rank under torchrun, the seeds.
 #
 # Alone, a process is rank 0 of 1. Under torchrun each process is one rank;
-# section 20 maps the tutorial's IPU ideas onto them.
+# section 21 maps the tutorial's IPU ideas onto them.
 # ----------------------------------------------------------------------------
 
 def pick_device(requested):
@@ -808,19 +905,6 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def adamw(params, lr, device):
-    """torch's AdamW, with the fused kernel where this torch has it.
-
-    The fused kernel updates all weights in one pass: on CPU it takes a fifth of
-    the time of the default (foreach) one, for the same update. CPU has it since
-    torch 2.4; the IPU host's torch 2.0.1 has it on CUDA only.
-    """
-    fused = device.type == "cuda" or TORCH_VERSION >= (2, 4)
-    # capturable: its step counts live on the GPU, so the step can be captured in a CUDA graph.
-    return torch.optim.AdamW(params, lr=lr, fused=fused or None,
-                             capturable=device.type == "cuda")
-
-
 # ----------------------------------------------------------------------------
 # 8. The output directory: one run in each, locked while it runs.
 # ----------------------------------------------------------------------------
@@ -911,8 +995,9 @@ def in_use(out_dir, holder):
                          "another --output-dir")
 
 
+BEST = "best"  # --load-best-model-at-end: the best evaluation's model
 RUN_FILES = ("args.json", "resumes.jsonl", "metrics.jsonl", "loss_curve.json", "curves.png",
-             "checkpoints", "model")
+             "checkpoints", "model", BEST, "tensorboard")
 OVERWRITTEN = ".overwritten"  # a replaced run, until its replacement has a checkpoint
 
 
@@ -969,20 +1054,28 @@ def describe_run(out_dir):
                 "its first checkpoint (--resume puts that run back)")
     if not (out_dir / "args.json").is_file():
         return None
-    metrics, checkpoints = epochs_done(out_dir), list_checkpoints(out_dir)
+    lines, checkpoints = metric_lines(out_dir), list_checkpoints(out_dir)
+    metrics = epochs_done(lines)
     if not (metrics or checkpoints or (out_dir / "model").is_dir()):
         return None
-    epochs = settings_or_none(out_dir).get("epochs", "?")
-    if is_finished(out_dir, epochs, metrics):
+    settings = settings_or_none(out_dir)
+    epochs = settings.get("epochs", "?")
+    if is_finished(out_dir, settings, lines):
         return (f"a finished run: {epochs} epoch{'s' if epochs > 1 else ''}, accuracy "
                 f"{metrics[-1]['accuracy']:.3f}")
     newest = f"newest checkpoint {checkpoints[-1].name}" if checkpoints else "no checkpoint"
     return f"an unfinished run: {len(metrics)} of {epochs} epochs done, {newest}"
 
 
-def is_finished(out_dir, epochs, metrics):
-    """All its epochs done (as last asked: `metrics`, its epochs_done) and its model saved."""
-    return isinstance(epochs, int) and len(metrics) >= epochs and (out_dir / "model").is_dir()
+def is_finished(out_dir, settings, lines):
+    """Its model saved, and (its settings as last asked; `lines`: its metric_lines) every
+    epoch done, or all of --max-steps, or stopped early."""
+    epochs, max_steps = epochs_done(lines), settings.get("max_steps")
+    done = (any(m.get("stopped_early") for m in lines)
+            or (max_steps and epochs and epochs[-1].get("step", 0) >= max_steps)
+            or (not max_steps and isinstance(settings.get("epochs"), int)
+                and len(epochs) >= settings["epochs"]))
+    return bool(done) and (out_dir / "model").is_dir()
 
 
 def set_aside(out_dir):
@@ -1328,7 +1421,7 @@ def subset(ds, n, seed):
 
 def choose_padding(args, static):
     """IPU graphs and traced pipelines have fixed shapes. A GPU is fastest with a few
-    shapes that CUDA graphs replay (section 19); a CPU with each batch padded to its longest."""
+    shapes that CUDA graphs replay (section 20); a CPU with each batch padded to its longest."""
     padding = args.padding if args.padding != "auto" else "max_length" if static else (
         "buckets" if args.device == "cuda" else "dynamic")
     if static and padding in ("dynamic", "buckets"):
@@ -1661,22 +1754,202 @@ def classify_first_token(model, first_token):
 
 
 # ----------------------------------------------------------------------------
-# 12. A run: its state, its steps and epochs counted.
+# 12. The optimizer: AdamW's weight-decay groups, the lr schedule, clipping,
+#     loss scaling.
+#
+# What the Trainer's TrainingArguments control, for both flows: an IPU applies the
+# same update on the device (PopTorch's AdamW), the CUDA/CPU flow through
+# OptimizerStep.
+# ----------------------------------------------------------------------------
+
+def adamw(params, lr, device, weight_decay=0.01):
+    """torch's AdamW, with the fused kernel where this torch has it.
+
+    The fused kernel updates all weights in one pass: on CPU it takes a fifth of
+    the time of the default (foreach) one, for the same update. CPU has it since
+    torch 2.4; the IPU host's torch 2.0.1 has it on CUDA only.
+    """
+    cuda = device.type == "cuda"
+    fused = cuda or TORCH_VERSION >= (2, 4)
+    # capturable: its step counts (and on CUDA its lr) live on the GPU, so the step can be
+    # captured in a CUDA graph that reads the schedule's lr at each replay.
+    tensor_lr = cuda and TORCH_VERSION >= (2, 2)  # fused AdamW reads a tensor lr since 2.2
+    return torch.optim.AdamW(params, lr=torch.tensor(lr, device=device) if tensor_lr else lr,
+                             weight_decay=weight_decay, fused=fused or None, capturable=cuda)
+
+
+def decay_groups(named_parameters, no_decay, weight_decay):
+    """AdamW's parameter groups: weight decay on the weights, none on the biases and
+    LayerNorm weights (`no_decay`: their names), as HF's Trainer groups them."""
+    decay, rest = [], []
+    for name, param in named_parameters:
+        if param.requires_grad:
+            (rest if name in no_decay else decay).append(param)
+    return [group for group in ({"params": decay, "weight_decay": weight_decay},
+                                {"params": rest, "weight_decay": 0.0}) if group["params"]]
+
+
+def no_decay_names(model):
+    """The biases and the LayerNorm weights of a model, by name."""
+    norms = {name for name, module in model.named_modules()
+             if isinstance(module, torch.nn.LayerNorm)}
+    return {name for name, _ in model.named_parameters()
+            if name.endswith("bias") or name.rpartition(".")[0] in norms}
+
+
+def set_lr(optimizer, lr):
+    """Every group's lr; a tensor lr (CUDA) is written in place, where a graph reads it."""
+    for group in optimizer.param_groups:
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+class Schedule:
+    """The lr of each optimizer step, as the Trainer's schedules: a linear warm-up from 0
+    over the warm-up steps, then constant (the tutorial's), or a linear or cosine decay
+    that reaches 0 after the last step. It depends on the step alone, so a checkpoint's
+    step count is the schedule's position."""
+
+    def __init__(self, args, total_steps):
+        self.lr, self.kind, self.total = args.lr, args.lr_scheduler_type, total_steps
+        self.warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
+        self.current = args.lr  # what the optimizer was built with
+
+    def lr_at(self, step):
+        """The lr of optimizer step `step`, counted from 0."""
+        if step < self.warmup:
+            return self.lr * step / self.warmup
+        if self.kind == "constant":
+            return self.lr
+        progress = (step - self.warmup) / max(1, self.total - self.warmup)
+        if self.kind == "linear":
+            return self.lr * max(0.0, 1 - progress)
+        return self.lr * max(0.0, 0.5 * (1 + math.cos(math.pi * progress)))
+
+    def update(self, optimizer, step):
+        """Give the optimizer step `step`'s lr; whether it changed (an IPU needs to know)."""
+        lr = self.lr_at(step)
+        if lr == self.current:
+            return False
+        set_lr(optimizer, lr)
+        self.current = lr
+        return True
+
+    def describe(self):
+        if self.kind == "constant" and not self.warmup:
+            return f"constant, lr {self.lr:g}"
+        warmup = f", warm-up {counted(self.warmup, 'step')} from 0" if self.warmup else ""
+        return f"{self.kind}{warmup}, peak lr {self.lr:g}"
+
+
+def ipu_adamw(wrapped, args):
+    """PopTorch's AdamW, as the tutorial's, with the weights grouped for weight decay (none
+    on biases and LayerNorm weights). An attribute given explicitly here is variable: the
+    host can change it later with setOptimizer, without recompiling (the lr schedule does);
+    one left out is a constant of the graph. Clipping, if asked, runs on the device."""
+    clipping = {"max_grad_norm": args.max_grad_norm} if args.max_grad_norm else {}
+    groups = decay_groups(wrapped.named_parameters(), no_decay_names(wrapped), args.weight_decay)
+    return poptorch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, **clipping)
+
+
+class OptimizerStep:
+    """The optimizer step after a backward: the gradients unscaled (--fp16) and clipped
+    (--max-grad-norm), then the update, skipped on the device when the step's loss is
+    not finite, or (--fp16) a gradient overflowed.
+
+    The host never waits for a loss to decide (a GPU would sit idle meanwhile):
+    the fused AdamW takes a `found_inf` flag, as GradScaler uses it, and then
+    leaves weights and moments as they were. With --on-nan stop, every later step
+    is skipped too, until the host reads the losses (every --log-every steps),
+    stops and saves the last good weights. Without the fused kernel (torch < 2.4
+    on CPU) the host reads the flag: a sync, but a free one on a CPU.
+    """
+
+    def __init__(self, optimizer, args, device, loss_scale=None, norm_group=None):
+        self.optimizer, self.sticky = optimizer, args.on_nan == "stop"
+        self.max_norm, self.norm_group = args.max_grad_norm, norm_group
+        self.loss_scale = loss_scale
+        self.bad = torch.zeros((), dtype=torch.bool, device=device)
+        self.fused = bool(optimizer.defaults.get("fused"))
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def step(self, loss, apply=True):
+        skip = ~torch.isfinite(loss) if apply else torch.ones_like(self.bad)  # warm-up: no update
+        if self.sticky and apply:
+            skip = skip | self.bad
+            self.bad.copy_(skip)
+        if self.loss_scale is not None:
+            overflow = self.loss_scale.unscale(self.params)
+            if apply:
+                self.loss_scale.update(overflow)
+            skip = skip | overflow.bool()
+        if self.max_norm:
+            clip_gradients(self.params, self.max_norm, self.norm_group)
+        if self.fused:
+            self.optimizer.found_inf = skip.float()
+            self.optimizer.step()
+            del self.optimizer.found_inf
+        elif not skip:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def clip_gradients(params, max_norm, norm_group=None):
+    """torch's clip_grad_norm_; a pipeline stage's gradients are a part of the model's, so
+    there the norm adds up every stage's (one all-reduce over `norm_group`)."""
+    if norm_group is None:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grads = [p.grad for p in params if p.grad is not None]
+    squares = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2)), 2) ** 2
+    dist.all_reduce(squares, group=norm_group)
+    total = squares.sqrt()
+    torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0))
+    return total
+
+
+class LossScale:
+    """float16's dynamic loss scaling, as torch's GradScaler does it, on the device: the
+    loss is multiplied by the scale before backward, so that small gradients do not
+    underflow float16; a step whose gradients overflowed is skipped and the scale
+    halved; after 2,000 steps without overflow it doubles."""
+
+    def __init__(self, device, scale=2.0 ** 16, growth_interval=2000):
+        self.scale = torch.full((), scale, dtype=torch.float32, device=device)
+        self.good_steps = torch.zeros((), dtype=torch.int32, device=device)
+        self.growth_interval = growth_interval
+
+    def unscale(self, params):
+        """The gradients divided by the scale; a flag (1.0) if any of them is not finite."""
+        overflow = torch.zeros((), device=self.scale.device)
+        grads = [p.grad for p in params if p.grad is not None]
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, overflow, self.scale.reciprocal())
+        return overflow
+
+    def update(self, overflow):
+        torch._amp_update_scale_(self.scale, self.good_steps, overflow, 2.0, 0.5,
+                                 self.growth_interval)
+
+
+# ----------------------------------------------------------------------------
+# 13. A run: its state, its steps and epochs counted.
 #
 # Every flow reports its steps and epochs to a Run, which keeps three parts,
 # each with one job: the run's state (plain data that a checkpoint saves and
-# --resume loads as is), Progress (what the user sees, section 13) and
-# Checkpoints (what is saved, when, and --resume: section 15). The Run counts
+# --resume loads as is), Progress (what the user sees, section 14) and
+# Checkpoints (what is saved, when, and --resume: section 16). The Run counts
 # steps, epochs and their metrics into them, and stops the run on a non-finite
-# loss or a stop request (Ctrl-C, SIGTERM: section 14).
+# loss or a stop request (Ctrl-C, SIGTERM: section 15).
 # ----------------------------------------------------------------------------
 
 def new_state():
-    """Where a run is and its running sums: what it needs to continue, saved as JSON."""
+    """Where a run is and its running sums: what it needs to continue, saved as JSON. The
+    lr schedule's position is the step count (Schedule)."""
     return {"epoch": 0, "step": 0, "global_step": 0, "batches": None,
             "loss_sum": 0.0, "loss_steps": 0, "interval_sum": 0.0, "interval_steps": 0,
             "train_samples": 0, "train_seconds": 0.0, "skipped_steps": 0,
-            "metrics": [], "loss_curve": []}
+            "metrics": [], "loss_curve": [], "evaluations": [], "best": None, "since_best": 0}
 
 
 class Run:
@@ -1688,25 +1961,30 @@ class Run:
         self.state = new_state()  # one dict, shared with the parts
         self.progress = Progress(args, ranks, data, padding, out_dir, self.state, say)
         self.checkpoints = Checkpoints(args, out_dir, ranks, tokenizer, self.state, say)
-        self.stop = None  # a StopRequest, from the start of training
+        self.evaluations = Evaluations(args, self.state, self.checkpoints, self.progress)
+        self.stop = self.plan = self.schedule = None  # from the start of training
+        self.evaluate = None  # the flow's evaluation, for --eval-steps: (figures, seconds)
         self.last = self.epoch_start = time.perf_counter()
         self.warmup_seconds = 0.0  # capturing CUDA graphs, before the first epoch
 
-    def start(self, model, **summary):
-        """The summary and the bar; from here a Ctrl-C or SIGTERM stops after the step."""
-        self.progress.start(model, **summary)
+    def start(self, model, steps_per_epoch, **summary):
+        """The step plan, the lr schedule, the summary, the bar; then a stop request waits."""
+        self.plan = StepPlan(self.args, steps_per_epoch)
+        self.schedule = Schedule(self.args, self.plan.total)
+        self.progress.start(model, self.plan, self.schedule, **summary)
         self.stop = self.checkpoints.stop = StopRequest()
 
     def epochs(self):  # from where a resumed run stopped
-        for epoch in range(self.state["epoch"], self.args.epochs):
+        for epoch in range(self.state["epoch"], self.plan.epochs):
             self.epoch_start = self.last = time.perf_counter()
             yield epoch
 
     def reading_due(self, pending):
         """Whether the host must read the pending losses now: for a reading, a checkpoint,
-        or (one process) a stop request."""
+        an evaluation, or (one process) a stop request."""
         step, args = self.state["global_step"] + pending, self.args
         return (step % args.log_every == 0 or bool(args.save_every and step % args.save_every == 0)
+                or self.plan.evaluates_after(step)
                 or (not self.ranks.enabled and self.stop.signal is not None))
 
     def steps_done(self, losses, samples, updates_applied=False):
@@ -1722,6 +2000,9 @@ class Run:
             state["step"] += 1
             state["global_step"] += 1
             self.progress.step_done(loss)
+            if self.plan.evaluates_after(state["global_step"]):  # before a checkpoint here:
+                self.evaluations.mid_epoch(self.evaluate)        # it holds the result
+                self.last = time.perf_counter()  # evaluating is not training time
             if self.checkpoints.due():
                 self.checkpoints.save()
                 self.last = time.perf_counter()
@@ -1746,21 +2027,24 @@ class Run:
         raise FinetuneError(f"the loss became {value} at {where}{saved}. "
                             "Lower --lr, or pass --on-nan skip")
 
-    def end_epoch(self, accuracy, eval_seconds):
+    def end_epoch(self, figures, eval_seconds):
         """The epoch's metrics, its line (the tutorial's "Accuracy:" first), results, checkpoint."""
         state = self.state
         state["loss_curve"] += self.progress.interval_reading()  # the epoch's last steps, however few
-        state["metrics"].append(epoch_metrics(state, self.data, self.args, accuracy, eval_seconds,
+        self.evaluations.record(figures, eval_seconds)
+        state["metrics"].append(epoch_metrics(state, self.data, self.args, figures, eval_seconds,
                                               time.perf_counter() - self.epoch_start,
-                                              self.warmup_seconds))
+                                              self.warmup_seconds, self.schedule))
         self.warmup_seconds = 0.0  # counted in this epoch's time only
-        self.progress.epoch_line(state["metrics"][-1])
+        self.progress.epoch_line(state["metrics"][-1], self.plan.epochs)
         state.update(epoch=state["epoch"] + 1, step=0, batches=None, loss_sum=0.0, loss_steps=0,
                      train_samples=0, train_seconds=0.0, skipped_steps=0)
         if self.ranks.is_main:
-            write_results(self.out_dir, state["metrics"], state["loss_curve"])
+            write_results(self.out_dir, state["metrics"], state["loss_curve"],
+                          state["evaluations"])
         if self.checkpoints.held:
             self.checkpoints.save()
+        self.evaluations.stop_if_no_better()
 
     def close(self, stopping=False):
         self.progress.close()
@@ -1769,12 +2053,26 @@ class Run:
             self.stop = self.checkpoints.stop = None
 
 
-def epoch_metrics(state, data, args, accuracy, eval_seconds, seconds, warmup_seconds):
+def stopped_early(run):
+    """--early-stopping-patience ended the run: say so, and write the results so far
+    (their last evaluation is marked: the run is finished)."""
+    run.state["loss_curve"] += run.progress.interval_reading()
+    if run.ranks.is_main:
+        run.say(f"early stopping at step {run.state['global_step']:,}: "
+                f"{counted(run.args.early_stopping_patience, 'evaluation')} in a row without a "
+                f"better {run.args.metric_for_best_model}")
+        write_results(run.out_dir, run.state["metrics"], run.state["loss_curve"],
+                      run.state["evaluations"])
+
+
+def epoch_metrics(state, data, args, figures, eval_seconds, seconds, warmup_seconds, schedule):
     """One line of metrics.jsonl: the epoch's figures, from the run's sums."""
     return {
         "epoch": state["epoch"] + 1,
+        "step": state["global_step"],
         "train_loss": state["loss_sum"] / max(state["loss_steps"], 1),
-        "accuracy": accuracy,
+        **figures,  # accuracy, f1, eval_loss
+        "lr": schedule.lr_at(state["global_step"] - 1),
         "train_samples_per_s": state["train_samples"] / state["train_seconds"],
         "eval_samples_per_s": len(data.eval) / eval_seconds,
         "samples_per_step": state["train_samples"] / max(state["step"], 1),
@@ -1787,70 +2085,155 @@ def epoch_metrics(state, data, args, accuracy, eval_seconds, seconds, warmup_sec
     }
 
 
+class StepPlan:
+    """How many optimizer steps a run takes (--epochs, or --max-steps), in how many epochs,
+    and after which ones it evaluates mid-epoch (--eval-steps; epoch ends evaluate anyway)."""
+
+    def __init__(self, args, steps_per_epoch):
+        self.per_epoch, self.eval_steps = steps_per_epoch, args.eval_steps
+        self.total = args.max_steps or args.epochs * steps_per_epoch
+        self.epochs = -(-self.total // steps_per_epoch)
+
+    def in_epoch(self, epoch):
+        return min(self.per_epoch, self.total - epoch * self.per_epoch)
+
+    def evaluates_after(self, step):
+        """Whether the run evaluates mid-epoch once `step` steps are done."""
+        return (bool(self.eval_steps) and step % self.eval_steps == 0
+                and step % self.per_epoch != 0 and step != self.total)
+
+    def evaluations_up_to(self, step):
+        """How many mid-epoch evaluations the first `step` steps hold (the bar counts them)."""
+        if not self.eval_steps:
+            return 0
+        both = self.eval_steps * self.per_epoch // math.gcd(self.eval_steps, self.per_epoch)
+        last = step >= self.total and self.total % self.eval_steps == 0 \
+            and self.total % self.per_epoch != 0  # the last step's evaluation ends an epoch
+        return step // self.eval_steps - step // both - last
+
+
+def review_predictions(predicted, reviews, n):
+    """Each review's prediction (or loss), from those per row (or per slot) and the review
+    each one is (-1: an empty slot). Padding repeats reviews: each must be predicted."""
+    out, seen = np.zeros(n, dtype=predicted.dtype), np.zeros(n, dtype=bool)
+    filled = reviews >= 0
+    out[reviews[filled]], seen[reviews[filled]] = predicted[filled], True
+    if not seen.all():
+        raise RuntimeError(f"{(~seen).sum()} eval samples got no prediction")
+    return out
+
+
+def eval_losses(logits, labels):
+    """Each row's (packed: each slot's) cross-entropy loss; an empty slot's is 0."""
+    return torch.nn.functional.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(),
+                                             ignore_index=-100, reduction="none")
+
+
+def evaluation_of(predicted, losses, reviews, labels):
+    """The tutorial's accuracy_score over every review, with the macro F1 and the mean eval
+    loss (the Trainer's eval_loss); `reviews` says which review each prediction is."""
+    predicted, losses = (review_predictions(v, reviews, len(labels)) for v in (predicted, losses))
+    return {"accuracy": accuracy_score(labels, predicted),
+            "f1": f1_score(labels, predicted, average="macro"),
+            "eval_loss": float(losses.mean())}
+
+
+class Evaluations:
+    """Every evaluation's figures; the best one (--metric-for-best-model), whose weights
+    --load-best-model-at-end keeps in <output-dir>/best; and early stopping after
+    --early-stopping-patience evaluations without a better one, as the Trainer's
+    EarlyStoppingCallback."""
+
+    def __init__(self, args, state, checkpoints, progress):
+        self.args, self.state, self.checkpoints, self.progress = args, state, checkpoints, progress
+
+    def record(self, figures, seconds):
+        state, args = self.state, self.args
+        step = state["global_step"]
+        entry = {"step": step, "epoch": round(state["epoch"] + state["step"] / max(
+            self.progress.plan.per_epoch, 1), 2), **figures, "eval_seconds": seconds}
+        state["evaluations"].append(entry)
+        self.progress.scalars(step, **{"eval/" + name.replace("eval_", ""): value
+                                       for name, value in figures.items()})
+        if args.load_best_model_at_end:
+            if self.better(figures, state["best"]):
+                state["best"], state["since_best"] = entry, 0
+                self.checkpoints.save_best(entry)
+            else:
+                state["since_best"] += 1
+
+    def mid_epoch(self, evaluate):
+        """--eval-steps: the flow evaluates, its figures are recorded (and the best model
+        kept), and early stopping may end the run here."""
+        self.record(*evaluate())
+        self.progress.evaluation_line(self.state["evaluations"][-1])
+        self.stop_if_no_better()
+
+    def better(self, figures, best):
+        key = "eval_loss" if self.args.metric_for_best_model == "loss" else \
+            self.args.metric_for_best_model
+        if best is None:
+            return True
+        return figures[key] < best[key] if key == "eval_loss" else figures[key] > best[key]
+
+    def stop_if_no_better(self):
+        patience = self.args.early_stopping_patience
+        if patience and self.state["since_best"] >= patience:
+            self.state["evaluations"][-1]["stopped_early"] = True
+            raise EarlyStop(patience)
+
+
 # ----------------------------------------------------------------------------
-# 13. Progress: the summary, the one bar, the loss readings.
+# 14. Progress: the summary, the one bar, the loss readings.
 # ----------------------------------------------------------------------------
 
 class Progress:
     """What the user sees of a run: the summary before it (as HF's Trainer prints one),
     one bar over every train and eval iteration (as the tutorial's), the mean loss every
-    --log-every steps (in the bar and the loss curve), and a line per epoch."""
+    --log-every steps (bar, loss curve), a line per evaluation; and TensorBoard scalars."""
 
     def __init__(self, args, ranks, data, padding, out_dir, state, say):
         self.args, self.ranks, self.data, self.padding = args, ranks, data, padding
         self.out_dir, self.state, self.say = out_dir, state, say
-        self.bar = None
+        self.bar = self.board = self.plan = self.schedule = None
 
     def say_stage_plan(self, model, plan, how):
         self.say(f"pipeline stage plan ({self.args.stages} stages, {how})")
         self.say(stage_table(model, plan))
 
-    def start(self, model, steps_per_epoch, eval_batches, step_rows, accumulation, device,
-              extra=None):
+    def start(self, model, plan, schedule, eval_batches, step_rows, accumulation, device, extra):
         """Print what is about to run, then open the bar (a resumed run's where it stopped)."""
-        args, data = self.args, self.data
-        if data.packing:
-            step_samples = (f"{len(data.train) / steps_per_epoch:.1f} on average, in "
-                            f"{step_rows} rows of up to {args.max_per_row}")
-            layout = {"padding": f"packed, up to {args.max_per_row} texts per row of "
-                                 f"{args.max_length} tokens",
-                      "packing efficiency": f"{data.efficiency():.1%} of row tokens are text "
-                      f"({data.efficiency(packed=False):.1%} padded to max_length)"}
-        else:
-            step_samples, layout = step_rows, {"padding": f"{self.padding}, at most "
-                                                          f"{args.max_length} tokens"}
-            left_out = len(data.train) - steps_per_epoch * step_rows
-            if left_out:  # the tutorial's drop_last: only whole optimizer steps
-                layout["left out each epoch"] = (
-                    f"{counted(left_out, 'sample')} of {len(data.train):,}, too few for a "
-                    "whole optimizer step (drop_last); a new shuffle picks them each epoch")
+        args, data, self.plan, self.schedule = self.args, self.data, plan, schedule
+        step_samples, layout = batch_layout(args, data, self.padding, plan.per_epoch, step_rows)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         rows = {"device": device,
                 "train examples": f"{len(data.train):,}",
                 "eval examples": f"{len(data.eval):,}",
-                "epochs": args.epochs,
+                "epochs": plan.epochs if not args.max_steps else
+                f"{plan.epochs} (--max-steps {plan.total:,})",
                 "micro-batch": counted(args.batch_size, data.unit),
                 "gradient accumulation": f"{counted(accumulation, 'micro-batch')} per "
                                          "optimizer step",
-                **(extra or {}),
+                **extra,
                 "samples per optimizer step": step_samples,
-                "optimizer steps per epoch": steps_per_epoch,
-                "optimizer steps in total": steps_per_epoch * args.epochs,
-                "progress bar": f"per epoch {counted(steps_per_epoch, 'optimizer step')}, "
+                **describe_training(args, plan, schedule),
+                "progress bar": f"per epoch {counted(plan.per_epoch, 'optimizer step')}, "
                                 f"then {counted(eval_batches, 'eval batch')}",
                 **layout,
                 "trainable parameters": f"{trainable:,}",
                 "output directory": self.out_dir}
         width = max(map(len, rows))
         self.say("\n".join(["Fine-tuning:"] + [f"  {k:<{width}}  {v}" for k, v in rows.items()]))
-        per_epoch = steps_per_epoch + eval_batches  # the bar: optimizer steps, then eval batches
-        self.bar = tqdm(total=args.epochs * per_epoch,
-                        initial=self.state["epoch"] * per_epoch + self.state["step"],
+
+        def position(steps, epochs):  # optimizer steps, then each evaluation's batches
+            return steps + eval_batches * (epochs + plan.evaluations_up_to(steps))
+        self.bar = tqdm(total=position(plan.total, plan.epochs),
+                        initial=position(self.state["global_step"], self.state["epoch"]),
                         desc=f"{args.device} training", unit="it", disable=not self.ranks.is_main)
+        self.board = tensorboard_writer(args, self.out_dir) if self.ranks.is_main else None
 
     def step_done(self, loss):
-        """An optimizer step's loss (None: a skipped step) into the sums; every --log-every
-        steps a reading."""
+        """A step's loss (None: skipped) into the sums; a reading every --log-every steps."""
         state = self.state
         if loss is not None:
             state["loss_sum"] += loss
@@ -1860,13 +2243,12 @@ class Progress:
         if state["global_step"] % self.args.log_every == 0:
             state["loss_curve"] += self.interval_reading()
 
-    def advance(self, iterations):
-        """The bar moves on: by optimizer steps in training, by batches in evaluation."""
+    def advance(self, iterations):  # optimizer steps in training, batches in evaluation
         self.bar.update(iterations)
 
     def interval_reading(self):
-        """The mean loss of the steps since the last reading, as a loss-curve point (none
-        if there were none), shown in the bar; the next reading starts from here."""
+        """The mean loss since the last reading, shown in the bar, as loss-curve points:
+        [[step, loss, lr]], or none if no step was counted since."""
         state = self.state
         if not state["interval_steps"]:
             return []
@@ -1875,19 +2257,82 @@ class Progress:
         rate = state["train_samples"] / max(state["train_seconds"], 1e-9)
         self.bar.set_postfix(loss=f"{mean:.4f}", samples_per_s=f"{rate:.1f}",
                              refresh=False)  # shown with the bar's next update, not drawn twice
-        return [[state["global_step"], mean]]
+        step, lr = state["global_step"], self.schedule.lr_at(state["global_step"] - 1)
+        self.scalars(step, **{"train/loss": mean, "train/learning_rate": lr})
+        return [[step, mean, lr]]
 
-    def epoch_line(self, epoch):
+    def evaluation_line(self, entry):
         if self.ranks.is_main:
-            if epoch["epoch"] == self.args.epochs:
+            tqdm.write(f"step {entry['step']:,}: accuracy {entry['accuracy']:.3f}, "
+                       f"f1 {entry['f1']:.3f}, eval loss {entry['eval_loss']:.4f}")
+
+    def epoch_line(self, epoch, epochs):
+        self.scalars(epoch["step"], **{"train/samples_per_s": epoch["train_samples_per_s"]})
+        if self.ranks.is_main:
+            if epoch["epoch"] == epochs:
                 self.bar.close()  # drawn for the last time at 100%, before the last line
             tqdm.write(f"Accuracy: {epoch['accuracy']:.3f}  (epoch {epoch['epoch']} of "
-                       f"{self.args.epochs}: train loss {epoch['train_loss']:.4f}, "
+                       f"{epochs}: train loss {epoch['train_loss']:.4f}, "
                        f"{epoch['train_samples_per_s']:,.1f} train samples/s)")
+
+    def scalars(self, step, **values):  # --report-to tensorboard
+        if self.board is not None:
+            for name, value in values.items():
+                self.board.add_scalar(name, value, step)
+            self.board.flush()
 
     def close(self):
         if self.bar is not None:
             self.bar.close()
+        if self.board is not None:
+            self.board.close()
+            self.board = None
+
+
+def batch_layout(args, data, padding, steps_per_epoch, step_rows):
+    """The summary's samples per optimizer step, and how texts fill the batches."""
+    if data.packing:
+        step_samples = (f"{len(data.train) / steps_per_epoch:.1f} on average, in "
+                        f"{step_rows} rows of up to {args.max_per_row}")
+        return step_samples, {
+            "padding": f"packed, up to {args.max_per_row} texts per row of {args.max_length} "
+                       "tokens",
+            "packing efficiency": f"{data.efficiency():.1%} of row tokens are text "
+                                  f"({data.efficiency(packed=False):.1%} padded to max_length)"}
+    layout = {"padding": f"{padding}, at most {args.max_length} tokens"}
+    left_out = len(data.train) - steps_per_epoch * step_rows
+    if left_out:  # the tutorial's drop_last: only whole optimizer steps
+        layout["left out each epoch"] = (
+            f"{counted(left_out, 'sample')} of {len(data.train):,}, too few for a whole "
+            "optimizer step (drop_last); a new shuffle picks them each epoch")
+    return step_rows, layout
+
+
+def describe_training(args, plan, schedule):
+    """The summary's rows on the optimizer steps: how many, their lr, decay, clipping, and
+    the evaluations between them."""
+    evaluation = "each epoch end" + (f" and every {args.eval_steps:,} steps"
+                                     if args.eval_steps else "")
+    if args.load_best_model_at_end:
+        evaluation += f"; the model of the best {args.metric_for_best_model} kept"
+    if args.early_stopping_patience:
+        evaluation += (f", early stopping after {counted(args.early_stopping_patience, 'evaluation')}"
+                       " without a better one")
+    return {"optimizer steps per epoch": plan.per_epoch,
+            "optimizer steps in total": plan.total,
+            "lr schedule": schedule.describe(),
+            "weight decay": f"{args.weight_decay:g}, none on biases and LayerNorm weights",
+            "gradient clipping": (f"global norm {args.max_grad_norm:g}" if args.max_grad_norm
+                                  else "none"),
+            "evaluation": evaluation}
+
+
+def tensorboard_writer(args, out_dir):
+    """--report-to tensorboard: a writer of scalars into <output-dir>/tensorboard."""
+    if args.report_to != "tensorboard":
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(str(out_dir / "tensorboard"))
 
 
 def counted(n, noun):
@@ -1926,7 +2371,7 @@ def compact_names(names):
 
 
 # ----------------------------------------------------------------------------
-# 14. Stop requests: Ctrl-C and SIGTERM end a run cleanly.
+# 15. Stop requests: Ctrl-C and SIGTERM end a run cleanly.
 # ----------------------------------------------------------------------------
 
 class StopRequest:
@@ -1987,7 +2432,8 @@ def exit_on_stop(run, why):
             else run.checkpoints.newest())
     if run.ranks.is_main and run.state["interval_steps"]:  # the last steps' loss too
         write_results(run.out_dir, run.state["metrics"],  # (a resume re-reads them)
-                      run.state["loss_curve"] + run.progress.interval_reading())
+                      run.state["loss_curve"] + run.progress.interval_reading(),
+                      run.state["evaluations"])
     run.close(stopping=True)
     how = "" if save else " (a second one: at once, without saving)"
     run.say(f"\nstopped by {signal.Signals(signum).name}{how} at epoch {run.state['epoch'] + 1}, "
@@ -2000,20 +2446,24 @@ class Interrupted(Exception):
     """Stop at the end of this step: a Ctrl-C or SIGTERM (its number, args[0])."""
 
 
+class EarlyStop(Exception):
+    """--early-stopping-patience evaluations in a row found no better model: the run ends."""
+
+
 class StopNow(BaseException):
     """A second Ctrl-C or SIGTERM: stop at once. A BaseException, as KeyboardInterrupt is,
     so that no `except Exception` on the way takes it for an error of its own."""
 
 
 # ----------------------------------------------------------------------------
-# 15. Checkpoints: atomic, safetensors + JSON, never a pickle.
+# 16. Checkpoints: atomic, safetensors + JSON, never a pickle.
 #
 # Each checkpoint is written into a hidden temporary directory, flushed to
 # disk, and renamed into place: a kill mid-write leaves the previous one whole.
 # ----------------------------------------------------------------------------
 
 class Checkpoints:
-    """What a checkpoint holds (a TrainedState, section 15, with the run's state), when one
+    """What a checkpoint holds (a TrainedState, section 16, with the run's state), when one
     is taken, and --resume. Where the host has the current weights mid-epoch (CUDA/CPU):
     every --save-every steps and at a stop request; always at the end of an epoch."""
 
@@ -2033,12 +2483,15 @@ class Checkpoints:
     def resume_if_asked(self):
         """--resume: the newest checkpoint into the model, the optimizer and the run's state."""
         if self.args.resume:
+            lrs = [group["lr"] for group in self.held.optimizer.param_groups]
             state, path = load_checkpoint(self.out_dir, self.held,
                                           on_ipu=self.args.device == "ipu", say=self.say)
-            self.state.clear()
-            self.state.update(state)
-            for group in self.held.optimizer.param_groups:  # a resume may change --lr
-                group["lr"] = self.args.lr
+            self.state.update(state)  # (a checkpoint from before a key existed: its default)
+            groups = self.held.optimizer.param_groups
+            for group, lr in zip(groups, lrs):  # the optimizer's own lr: a CUDA graph reads it
+                group["lr"] = lr
+            set_lr(self.held.optimizer, self.args.lr)  # a resume may change --lr
+            groups[0]["weight_decay"] = self.args.weight_decay  # and --weight-decay (decay_groups)
             self.say(f"resumed from {path} (epoch {state['epoch'] + 1}, step {state['step']})")
 
     def due(self):
@@ -2059,6 +2512,16 @@ class Checkpoints:
 
     def newest(self):
         return (list_checkpoints(self.out_dir) or ["none"])[-1]
+
+    def save_best(self, entry):
+        """--load-best-model-at-end: this evaluation's weights as <output-dir>/best, a model
+        directory, replacing the one before (under torchrun every rank gives its part)."""
+        weights, _, _, (config, tokenizer) = self.held.snapshot(with_optimizer=False) or (
+            None, None, None, (None, None))
+        if self.ranks.is_main:
+            with writing(f"the best model to {self.out_dir / BEST}"):
+                write_model_dir(self.out_dir / BEST, weights, config, tokenizer,
+                                {"best.json": entry})
 
 
 CHECKSUMS = "checksums.json"
@@ -2146,7 +2609,9 @@ def set_rng_state(tensors, saved, rank):
 def split_optimizer_state(opt_state, prefix=""):
     """An optimizer's state_dict() as tensors (for safetensors) and the rest (for JSON);
     `prefix` tells pipeline stages' optimizers apart."""
-    tensors, rest = {}, {"param_groups": opt_state["param_groups"], "state": {}, "ipu_parts": []}
+    groups = [{k: v.item() if torch.is_tensor(v) else v for k, v in group.items()}  # a CUDA lr
+              for group in opt_state["param_groups"]]
+    tensors, rest = {}, {"param_groups": groups, "state": {}, "ipu_parts": []}
     for pid, values in opt_state["state"].items():
         for key, value in values.items():
             if torch.is_tensor(value):
@@ -2248,18 +2713,27 @@ class TrainedState:
                     if name[len(prefix):] in weights}
             module.load_state_dict(mine, strict=False)
             opt_json = saved["optimizer"]["stages"][str(ranks.stage)]
-        self.optimizer.load_state_dict(join_optimizer_state(tensors, opt_json,
-                                                            self._optimizer_prefix()))
+        try:
+            self.optimizer.load_state_dict(join_optimizer_state(tensors, opt_json,
+                                                                self._optimizer_prefix()))
+        except ValueError as exc:  # one group before weight decay was grouped (issue 29)
+            raise FinetuneError(f"the checkpoint's optimizer state does not fit this run's "
+                                f"optimizer ({exc}): it was written by an earlier version of "
+                                "this script; start a new run") from None
         rngs = saved.get("rng_ranks") or {"0": saved["rng"]}  # "rng": older checkpoints
         rank = ranks.rank if str(ranks.rank) in rngs else 0
         set_rng_state(tensors, rngs[str(rank)], rank)
 
 
+def checkpoint_name(state):
+    """step-N mid-epoch, step-N-end after an epoch: names sort in the order they were taken."""
+    return f"step-{state['global_step']:08d}" + ("" if state["step"] else "-end")
+
+
 def save_checkpoint(out_dir, snapshot, state, keep):
     """Write TrainedState.snapshot() and the run's state as the newest checkpoint."""
     root = out_dir / "checkpoints"
-    # step-N mid-epoch, step-N-end after an epoch: names sort in the order they were taken
-    final = root / (f"step-{state['global_step']:08d}" + ("" if state["step"] else "-end"))
+    final = root / checkpoint_name(state)
     if final.exists():  # this very state is saved already (Ctrl-C right after a checkpoint)
         if not damaged_files(final):
             return final
@@ -2286,17 +2760,41 @@ def write_checkpoint_files(folder, snapshot, state):
     """The weights with the config and tokenizer are a model directory, as save_pretrained
     writes one: --predict and --model take a checkpoint of an unfinished run."""
     weights, tensors, saved, (config, tokenizer) = snapshot
+    write_model_files(folder, weights, config, tokenizer,
+                      {"optimizer.safetensors": tensors, "state.json": {**state, **saved}})
+
+
+def write_model_files(folder, weights, config, tokenizer, extra):
+    """A model directory (weights, config, tokenizer) with `extra` files (tensors, or
+    JSON), checksummed and flushed to disk."""
     save_file({k: v.contiguous() for k, v in weights.items()}, folder / "model.safetensors",
               metadata={"format": "pt"})
     config.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    save_file(tensors, folder / "optimizer.safetensors")
-    (folder / "state.json").write_text(json.dumps({**state, **saved}))
+    for name, content in extra.items():
+        if name.endswith(".safetensors"):
+            save_file(content, folder / name)
+        else:
+            (folder / name).write_text(json.dumps(content))
     write_checksums(folder)
     for f in folder.iterdir():
         fsync_path(f)
     fsync_path(folder)
+
+
+def write_model_dir(final, weights, config, tokenizer, extra):
+    """write_model_files into a temporary directory renamed into place: a kill mid-write
+    leaves the previous one."""
+    tmp, old = final.with_name(f".{final.name}.tmp"), final.with_name(f".{final.name}.old")
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_model_files(tmp, weights, config, tokenizer, extra)
+    if final.exists():
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def list_checkpoints(out_dir):
@@ -2382,7 +2880,9 @@ def resolve_resume_dir(value):
     path = newest_unfinished_run() if value == "auto" else Path(value)
     if (path / OVERWRITTEN).is_dir() and not list_checkpoints(path):
         put_back(path)
-    if not (path / "args.json").is_file() or not list_checkpoints(path):
+    finished = (path / "args.json").is_file() and is_finished(path, settings_or_none(path),
+                                                             metric_lines(path))
+    if not finished and (not (path / "args.json").is_file() or not list_checkpoints(path)):
         raise FinetuneError(f"--resume {path}: no checkpoint there (expected args.json "
                             "and checkpoints/step-*)")
     return path
@@ -2395,7 +2895,7 @@ def newest_unfinished_run():
     if not runs:
         raise FinetuneError("--resume auto: no run with a checkpoint under runs/")
     unfinished = [d for d in runs
-                  if not is_finished(d, settings_or_none(d).get("epochs"), epochs_done(d))]
+                  if not is_finished(d, settings_or_none(d), metric_lines(d))]
     if not unfinished:
         raise NothingToDo(f"--resume auto: every run under runs/ is finished; the newest is "
                           f"{runs[-1]} ({describe_run(runs[-1])})")
@@ -2428,29 +2928,47 @@ def put_back(out_dir):
 
 
 # ----------------------------------------------------------------------------
-# 16. Results: metrics per epoch, the loss/accuracy plot, the final model.
+# 17. Results: metrics per epoch, the loss/accuracy plot, the final model.
 # ----------------------------------------------------------------------------
 
-def write_results(out_dir, metrics, loss_curve):
+def write_results(out_dir, metrics, loss_curve, evaluations):
+    """metrics.jsonl: a line per epoch, and one per evaluation between epoch ends (those
+    have no train_loss); the loss curve as [step, loss, lr]; curves.png plots both."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
+    epoch_steps = {m["step"] for m in metrics}
+    between = [e for e in evaluations if e["step"] not in epoch_steps]
     with writing(f"the results in {out_dir}"):
         with open(out_dir / "metrics.jsonl", "w") as f:
-            f.writelines(json.dumps(m) + "\n" for m in metrics)
+            f.writelines(json.dumps(m) + "\n"
+                         for m in sorted(metrics + between, key=lambda m: m["step"]))
         (out_dir / "loss_curve.json").write_text(json.dumps(loss_curve))
         fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
         if loss_curve:
-            steps, losses = zip(*loss_curve)
+            steps, losses = [p[0] for p in loss_curve], [p[1] for p in loss_curve]
             loss_ax.plot(steps, losses, marker="o" if len(steps) <= 50 else None)  # few: visible
         loss_ax.set(xlabel="optimizer step", ylabel="train loss", title="Training loss")
-        epochs = [m["epoch"] for m in metrics]
-        acc_ax.plot(epochs, [m["accuracy"] for m in metrics], marker="o")
-        acc_ax.set_xticks(epochs)
+        acc_ax.plot([e["epoch"] for e in evaluations], [e["accuracy"] for e in evaluations],
+                    marker="o")
+        acc_ax.set_xticks(range(1, max([m["epoch"] for m in metrics] + [1]) + 1))
         acc_ax.set(xlabel="epoch", ylabel="accuracy", title="Validation accuracy")
         fig.tight_layout()
         fig.savefig(out_dir / "curves.png")
         plt.close(fig)
+
+
+def load_best_model(out_dir, model, best, say):
+    """--load-best-model-at-end: the best evaluation's weights, from <output-dir>/best."""
+    kept = read_json(out_dir / BEST / "best.json") if (out_dir / BEST / "best.json").is_file() \
+        else None
+    if kept is None or kept["step"] != best["step"]:
+        raise FinetuneError(f"{out_dir / BEST} does not hold the best evaluation's model (step "
+                            f"{best['step']}); it was removed or damaged")
+    model.load_state_dict(load_file(out_dir / BEST / "model.safetensors"), strict=False)
+    figures = (f"accuracy {best['accuracy']:.3f}, f1 {best['f1']:.3f}, "
+               f"eval loss {best['eval_loss']:.4f}")
+    say(f"best model: step {best['step']:,} (epoch {best['epoch']:g}): {figures}")
 
 
 def save_model(out_dir, model, tokenizer):
@@ -2463,7 +2981,7 @@ def save_model(out_dir, model, tokenizer):
 
 
 # ----------------------------------------------------------------------------
-# 17. The same recipe on CUDA or CPU, in one process or many (torchrun).
+# 18. The same recipe on CUDA or CPU, in one process or many (torchrun).
 #
 # Nothing here forces static shapes, so by default each batch is padded only to
 # its longest review, and reviews of similar length are batched together. The
@@ -2480,13 +2998,13 @@ def finetune_with_torch(args, device, model, plan, data, ranks, run):
     step_size = step_batch * ranks.replicas
     require_train_samples(data, step_size, "one optimizer step's batch")
     train_set = data.train_dataset(step_size, accumulation * ranks.replicas, multiple=step_size)
-    make_loader = functools.partial(torch_loader, pad_id=data.pad_id,  # section 18
+    make_loader = functools.partial(torch_loader, pad_id=data.pad_id,  # section 19
                                     multiple=BUCKET if run.padding == "buckets" else 1,
                                     pin_memory=device.type == "cuda")
 
     # The step functions: the whole model here (alone, or a DDP replica), or this rank's
     # pipeline stage. A training step is forward, backward and the optimizer's step.
-    autocast_dtype = choose_precision(args, device)  # section 19
+    autocast_dtype, precision = choose_precision(args, device, ranks)  # section 20
     classifier = data.classifier(model)  # packed rows: section 11
     if ranks.stages > 1:
         run.progress.say_stage_plan(model, plan, f"one stage per rank, {ranks.replicas} replica(s)")
@@ -2500,7 +3018,7 @@ def finetune_with_torch(args, device, model, plan, data, ranks, run):
     run.checkpoints.resume_if_asked()
     eval_loader, eval_order = eval_data(data, args, ranks, make_loader)
     graphs = None  # or each step's kernels captured once, then replayed in one launch
-    if use_cuda_graphs(args, device, ranks, run.padding):
+    if use_cuda_graphs(args, device, ranks, run.padding, autocast_dtype):
         first_step = make_loader(train_set, [list(range(step_size))])
         graphs = capture_steps(train_step, eval_step, args, run.padding, first_step,
                                eval_loader, device)
@@ -2512,8 +3030,11 @@ def finetune_with_torch(args, device, model, plan, data, ranks, run):
                 f"stage(s); {counted(step_size, data.unit)} per optimizer step")
     run.start(model, steps_per_epoch=len(train_set) // step_size, eval_batches=len(eval_loader),
               step_rows=step_size, accumulation=accumulation, device=describe_device(device, ranks),
-              extra={"precision": describe_precision(autocast_dtype, device),
-                     "train and eval steps": describe_steps(graphs, args, device, ranks)})
+              extra={"precision": precision,
+                     "train and eval steps": describe_steps(graphs, args, device, ranks,
+                                                            autocast_dtype)})
+    run.evaluate = functools.partial(evaluate, eval_step, eval_loader, eval_order,
+                                     data.eval_labels, device, run.progress, ranks)
 
     group_by_length = args.group_by_length == "yes" or (
         args.group_by_length == "auto" and run.padding in ("dynamic", "buckets"))
@@ -2522,10 +3043,11 @@ def finetune_with_torch(args, device, model, plan, data, ranks, run):
         data.pack_epoch(epoch)
         if run.state["batches"] is None:  # every replica's batches, kept in the checkpoint
             run.state["batches"] = data.train_batches(step_size, args.seed, epoch, group_by_length)
-        todo = run.state["batches"][run.state["step"]:]  # resumed mid-epoch: the steps left
+        todo = run.state["batches"][run.state["step"]:run.plan.in_epoch(epoch)]  # resumed: the rest
         loader = make_loader(train_set, [step[share] for step in todo])  # this replica's rows
         losses, samples = [], 0
         for i, (step, batch) in enumerate(zip(todo, loader)):
+            run.schedule.update(optimizer, run.state["global_step"] + len(losses))  # its lr
             losses.append(train_step(to_device(batch, device)))
             samples += data.samples_in_rows(step)
             # Each loss stays on the device, and the host reads them (one sync) only when
@@ -2536,10 +3058,7 @@ def finetune_with_torch(args, device, model, plan, data, ranks, run):
                 run.steps_done(torch.stack(losses).tolist(), samples)
                 losses, samples = [], 0
 
-        start = time.perf_counter()
-        accuracy = evaluate(eval_step, eval_loader, eval_order, data.eval_labels, device,
-                            run.progress, ranks)
-        run.end_epoch(accuracy, time.perf_counter() - start)
+        run.end_epoch(*run.evaluate())  # accuracy, F1 and eval loss; the epoch's line
     if ranks.stages > 1:  # each stage trained its own weights: bring them into rank 0's model
         gather_pipeline_weights(model, run.checkpoints.held, ranks)
 
@@ -2551,7 +3070,8 @@ def data_parallel_steps(model, args, device, ranks, accumulation, autocast_dtype
     if ranks.enabled:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = adamw(model.parameters(), args.lr, device)
+    optimizer = adamw(decay_groups(model.named_parameters(), no_decay_names(model),
+                                   args.weight_decay), args.lr, device, args.weight_decay)
     train_step, eval_step = torch_steps(
         torch.compile(train_model) if args.compile else train_model, model, optimizer, args,
         device, accumulation, autocast_dtype, ranks)
@@ -2562,7 +3082,8 @@ def torch_steps(model, eval_model, optimizer, args, device, accumulation, autoca
     # Autocast's weight cache must be off where the steps are captured in CUDA graphs.
     autocast = (lambda: torch.autocast(device.type, dtype=autocast_dtype, cache_enabled=False)) \
         if autocast_dtype else contextlib.nullcontext
-    update = SkipNonFinite(optimizer, args.on_nan, device)
+    loss_scale = LossScale(device) if autocast_dtype == torch.float16 else None
+    update = OptimizerStep(optimizer, args, device, loss_scale)
 
     def train_step(batch, apply=True):
         """One optimizer step on device tensors; returns its loss, still on the device."""
@@ -2577,7 +3098,7 @@ def torch_steps(model, eval_model, optimizer, args, device, accumulation, autoca
             with no_sync() if no_sync else contextlib.nullcontext():
                 with autocast():
                     loss = model(**dict(zip(batch, micro))).loss / accumulation
-                loss.backward()
+                (loss * loss_scale.scale if loss_scale else loss).backward()
             total += loss.detach()
         total = mean_over_replicas(total, ranks)
         update.step(total, apply)
@@ -2592,60 +3113,35 @@ def torch_steps(model, eval_model, optimizer, args, device, accumulation, autoca
     return train_step, eval_step
 
 
-class SkipNonFinite:
-    """The optimizer step, skipped on the device when the step's loss is not finite.
-
-    The host never waits for a loss to decide (a GPU would sit idle meanwhile):
-    the fused AdamW takes a `found_inf` flag, as GradScaler uses it, and then
-    leaves weights and moments as they were. With --on-nan stop, every later step
-    is skipped too, until the host reads the losses (every --log-every steps),
-    stops and saves the last good weights. Without the fused kernel (torch < 2.4
-    on CPU) the host reads the flag: a sync, but a free one on a CPU.
-    """
-
-    def __init__(self, optimizer, on_nan, device):
-        self.optimizer, self.sticky = optimizer, on_nan == "stop"
-        self.bad = torch.zeros((), dtype=torch.bool, device=device)
-        self.fused = bool(optimizer.defaults.get("fused"))
-
-    def step(self, loss, apply=True):
-        skip = ~torch.isfinite(loss) if apply else torch.ones_like(self.bad)  # warm-up: no update
-        if self.sticky and apply:
-            skip = skip | self.bad
-            self.bad.copy_(skip)
-        if self.fused:
-            self.optimizer.found_inf = skip.float()
-            self.optimizer.step()
-            del self.optimizer.found_inf
-        elif not skip:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-
 def evaluate(eval_step, loader, order, labels, device, progress, ranks):
-    """Accuracy over every eval sample; `order` says which sample each prediction is.
+    """Accuracy, F1 and loss over every eval sample; `order` says which sample each
+    prediction is. Returns them with the seconds it took.
 
     Every rank predicts its share of the batches; all predictions are gathered
     (the analog of output mode All) and each sample must be predicted at least
     once: repeats, from padding to whole batches, are the same sample's.
     """
-    batch_predictions = []
+    start, predictions, losses = time.perf_counter(), [], []
     for batch in loader:
-        logits = eval_step(to_device(batch, device))
+        batch = to_device(batch, device)
+        logits = eval_step(batch)
         if logits is not None:  # None: a pipeline stage before the last
-            batch_predictions.append(logits.argmax(-1))  # on the device: no wait per batch
+            predictions.append(logits.argmax(-1))  # on the device: no wait per batch
+            losses.append(eval_losses(logits, batch["labels"]))
         progress.advance(1)
-    mine = [(order, torch.cat(batch_predictions).cpu().numpy())] if batch_predictions else []
+    mine = [(order, torch.cat(predictions).cpu().numpy(), torch.cat(losses).cpu().numpy())
+            ] if predictions else []
     if ranks.enabled:
         everyone = [None] * ranks.world
         dist.all_gather_object(everyone, mine)
         mine = [part for parts in everyone for part in parts]
-    reviews, predicted = (np.concatenate(parts) for parts in zip(*mine))
-    return accuracy_score(labels, review_predictions(predicted, reviews, len(labels)))
+    reviews, predicted, review_losses = (np.concatenate(parts) for parts in zip(*mine))
+    return (evaluation_of(predicted.reshape(-1), review_losses, reviews.reshape(-1), labels),
+            time.perf_counter() - start)
 
 
 # ----------------------------------------------------------------------------
-# 18. Batches and loaders: which samples make each batch, and how it is padded.
+# 19. Batches and loaders: which samples make each batch, and how it is padded.
 # ----------------------------------------------------------------------------
 
 def train_batches(lengths, batch_size, seed, epoch, group_by_length):
@@ -2738,33 +3234,53 @@ def to_device(batch, device):
 
 
 # ----------------------------------------------------------------------------
-# 19. Precision and CUDA graphs: what makes a GPU's step fast.
+# 20. Precision and CUDA graphs: what makes a GPU's step fast.
 # ----------------------------------------------------------------------------
 
-def choose_precision(args, device):
-    """The autocast dtype (None: float32). On CUDA, float32 matmuls run in TF32."""
-    if device.type == "cuda":
+def choose_precision(args, device, ranks):
+    """The autocast dtype (None: float32), and the summary's words for it. auto picks what
+    the card does well: bfloat16 where it has bfloat16 units (CUDA compute capability 8.0
+    and newer), else float16 with loss scaling; float32 on a CPU, which emulates both."""
+    if device.type == "cuda":  # float32 matmuls in TF32, on cards that have it
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and device.type == "cuda")
-    return torch.bfloat16 if bf16 else None
+    tf32 = " (TF32 matmuls)" if device.type == "cuda" else ""
+    if ranks.stages > 1:
+        return None, f"float32{tf32}: pipeline stages are traced in float32"
+    if args.fp16:
+        return torch.float16, "float16 autocast, dynamic loss scaling (--fp16)"
+    if args.bf16 == "yes":
+        return torch.bfloat16, "bfloat16 autocast (--bf16 yes)"
+    if args.bf16 == "no" or device.type != "cuda":
+        return None, "float32" + tf32
+    major, minor = torch.cuda.get_device_capability(device)
+    if major >= 8:
+        return torch.bfloat16, f"bfloat16 autocast (compute capability {major}.{minor}: native)"
+    return torch.float16, (f"float16 autocast, dynamic loss scaling (compute capability "
+                           f"{major}.{minor} has no bfloat16 units)")
 
 
-def describe_precision(autocast_dtype, device):
-    if autocast_dtype is not None:
-        return "bfloat16 autocast"
-    return "float32" + (" (TF32 matmuls)" if device.type == "cuda" else "")
+def fp16_autocast_works(device_type):
+    """Whether this torch runs float16 autocast on this device: the IPU host's torch 2.0.1
+    turns it off on a CPU, with a warning only."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.autocast(device_type, dtype=torch.float16)._enabled
 
 
-def use_cuda_graphs(args, device, ranks, padding):
-    """auto: on one CUDA process with static shapes (--compile captures its own)."""
+def use_cuda_graphs(args, device, ranks, padding, autocast_dtype):
+    """auto: on one CUDA process with static shapes (--compile captures its own), without
+    float16's loss scaling."""
     if args.cuda_graphs == "no":
         return False
     possible = device.type == "cuda" and not ranks.enabled and padding != "dynamic"
     if args.cuda_graphs == "yes" and not possible:
         raise FinetuneError("--cuda-graphs yes needs one process on CUDA with static shapes "
                             "(--padding buckets, max_length or packed)")
-    return possible and not args.compile
+    if args.cuda_graphs == "yes" and autocast_dtype == torch.float16:
+        raise FinetuneError("--cuda-graphs yes: float16's loss scaling runs eagerly; use "
+                            "--bf16 yes or --bf16 no with graphs")
+    return possible and not args.compile and autocast_dtype != torch.float16
 
 
 class StepGraphs:
@@ -2775,7 +3291,7 @@ class StepGraphs:
     GPU waits. A CUDA graph records the step's kernels once and replays them in
     one launch. It needs static shapes and no host sync inside the step: the
     padding buckets (or max_length, or packed rows) give a few shapes, captured
-    before training; SkipNonFinite keeps the loss on the device. Dropout stays
+    before training; OptimizerStep keeps the loss on the device. Dropout stays
     random: PyTorch advances the generator's offset at every replay. A shape not
     captured (a last, shorter eval batch) runs eagerly. If capturing fails, the
     whole run falls back to eager steps, with one warning.
@@ -2855,7 +3371,7 @@ def bucket_examples(batch, lengths):
              for k, v in batch.items()} for n in lengths]
 
 
-def describe_steps(graphs, args, device, ranks):
+def describe_steps(graphs, args, device, ranks, autocast_dtype):
     if graphs and graphs.graphs:
         return (f"CUDA graphs, {len(graphs.graphs)} shapes captured in {graphs.seconds:.1f} s "
                 f"({graphs.warm_up_seconds:.1f} s of it warming up; counted in the first "
@@ -2863,6 +3379,8 @@ def describe_steps(graphs, args, device, ranks):
     why = (f"capturing CUDA graphs failed: {graphs.failed}" if graphs else
            "torch.compile" if args.compile else
            "--cuda-graphs no" if args.cuda_graphs == "no" else
+           "float16 loss scaling" if device.type == "cuda" and autocast_dtype == torch.float16
+           else
            "torchrun" if ranks.enabled and device.type == "cuda" else
            "dynamic padding: a new shape almost every batch" if device.type == "cuda" else
            "CPU: the host runs the kernels itself")
@@ -2870,7 +3388,7 @@ def describe_steps(graphs, args, device, ranks):
 
 
 # ----------------------------------------------------------------------------
-# 20. More devices with torchrun: pipeline stages and replicas on GPUs or CPUs.
+# 21. More devices with torchrun: pipeline stages and replicas on GPUs or CPUs.
 #
 # Under `torchrun --nproc-per-node N finetune_electra.py --stages S` every
 # process is one rank, switched on by torchrun's environment as in nanoGPT.
@@ -2944,9 +3462,11 @@ def pipeline_steps(classifier, plan, args, ranks, device, accumulation):
         wrapped.train(training)
         pipe = trace_pipeline(wrapped, plan, example)
         stages[training] = pipe.build_stage(ranks.stage, device, group=ranks.pp_group)
-    stage_module = stages[True].submod
-    optimizer = adamw(stage_module.parameters(), args.lr, device)
-    update = SkipNonFinite(optimizer, args.on_nan, device)
+    stage_module = stages[True].submod  # its names are the wrapper's: "model." + the classifier's
+    no_decay = {"model." + name for name in no_decay_names(classifier)}
+    optimizer = adamw(decay_groups(stage_module.named_parameters(), no_decay, args.weight_decay),
+                      args.lr, device, args.weight_decay)
+    update = OptimizerStep(optimizer, args, device, norm_group=ranks.pp_group)
     # The loss is averaged per micro-batch and the schedule divides the summed
     # gradients by the micro-batch count: one mean over the step's samples.
     # Packed, the schedule's target is the labels alone, so the loss function takes
@@ -3004,7 +3524,7 @@ def gather_pipeline_weights(model, held, ranks):
 
 
 # ----------------------------------------------------------------------------
-# 21. Prediction with a fine-tuned model.
+# 22. Prediction with a fine-tuned model.
 # ----------------------------------------------------------------------------
 
 BLANK = "-"  # --predict-file: a blank line's label and probability
@@ -3068,7 +3588,7 @@ def read_lines(path):
 
 
 # ----------------------------------------------------------------------------
-# 22. Errors the user can fix, and the text files they come from.
+# 23. Errors the user can fix, and the text files they come from.
 # ----------------------------------------------------------------------------
 
 class FinetuneError(Exception):

@@ -16,13 +16,16 @@ written again after every part, so that one slow part loses nothing else:
   ours_packed      ours with --padding packed, 16 rows of up to 4 reviews a step
   ours_fp32        ours with --bf16 no (TF32 matmuls): is bf16 worth it?
   ours_eager       ours with --cuda-graphs no: what the graphs buy
+  ours_linear_clipped  ours with a linear schedule, 10% warm-up and clipping at 1.0 (the
+                   Trainer's), in CUDA graphs: the lr a tensor the graph reads, clipping inside
   ours_base_size   an ELECTRA-base-sized model from its config (random weights:
                    speed only) on 8,000 / 2,000 reviews, for MFU where the card can be busy
   ours_base_size_packed  the same, packed
 
 For each: train and eval reviews/s, accuracy, peak memory, warm-up seconds, wall
 time (process start to accuracy) and the model FLOPs utilisation (MFU) against
---peak-tflops; then ours over the faster Trainer run. It installs nothing from the
+the card's dense bf16 peak (CARD_PEAKS, by the card's name; or --peak-tflops); then ours
+over the faster Trainer run. It installs nothing from the
 network: --carry names the folder benchmarks/prepare_gpu_carry.sh makes (datasets
 wheels, MiniLM in half precision, IMDB), whose wheels pip installs offline first.
 """
@@ -47,7 +50,32 @@ PARTS = [("cuda_tests", 90, None), ("ours", 100, []), ("trainer_fp32", 150, None
          ("ours_packed", 100, ["--padding", "packed", "--batch-size", "16"]),
          ("ours_base_size", 100, []), ("ours_fp32", 100, ["--bf16", "no"]),
          ("ours_base_size_packed", 100, ["--padding", "packed", "--batch-size", "16"]),
-         ("ours_eager", 120, ["--cuda-graphs", "no"])]
+         ("ours_eager", 120, ["--cuda-graphs", "no"]),
+         ("ours_linear_clipped", 100, ["--lr-scheduler-type", "linear", "--warmup-ratio", "0.1",
+                                       "--max-grad-norm", "1.0"])]
+
+# Dense (not 2:4 sparse) bf16 tensor-core peaks in TFLOP/s, the MFU denominator, from
+# NVIDIA's datasheets; the first whose words are all in torch's name for the card.
+# Datasheets quote bf16 "with sparsity": the dense peak is half of that.
+CARD_PEAKS = [
+    (("H200", "NVL"), 836, "H200 NVL datasheet: 1,671 TFLOP/s bf16 with sparsity"),
+    (("H200",), 989, "H200 SXM datasheet: 1,979 TFLOP/s bf16 with sparsity"),
+    (("H100", "PCIe"), 756, "H100 PCIe datasheet: 1,513 TFLOP/s bf16 with sparsity"),
+    (("H100",), 989, "H100 SXM datasheet: 1,979 TFLOP/s bf16 with sparsity"),
+    (("A100",), 312, "A100 datasheet: 312 TFLOP/s bf16 dense (624 with sparsity)"),
+    (("L40S",), 366, "L40S datasheet: 733 TFLOP/s bf16 with sparsity"),
+    (("L40",), 181, "L40 datasheet: 362 TFLOP/s bf16 with sparsity"),
+    (("L4",), 121, "L4 datasheet: 242 TFLOP/s bf16 with sparsity"),
+    (("A10",), 125, "A10 datasheet: 250 TFLOP/s bf16 with sparsity"),
+    (("T4",), 65, "T4 datasheet: 65 TFLOP/s fp16 (no bf16 units; runs use fp16)"),
+    (("V100",), 125, "V100 SXM2 datasheet: 125 TFLOP/s fp16 tensor (no bf16 units)"),
+]
+
+
+def card_peak(name):
+    """The card's dense peak and where the figure comes from, or None for a card not listed."""
+    return next(((peak, f"{source} (NVIDIA), for {name}") for words, peak, source in CARD_PEAKS
+                 if all(word in name for word in words)), None)
 
 
 def parse_args():
@@ -63,8 +91,9 @@ def parse_args():
     p.add_argument("--lr", type=float, default=5e-5,
                    help="the recipe's 1e-6 is for batch 4 over 3 epochs; one epoch at batch "
                    "32 takes the usual BERT fine-tuning rate")
-    p.add_argument("--peak-tflops", type=float, default=790.0,
-                   help="the card's dense bf16 peak for MFU (H200: ~790 measured)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the card's dense bf16 peak for MFU (default: from the card's name, "
+                   "CARD_PEAKS; H200 and H100 SXM 989)")
     p.add_argument("--budget", type=float, default=510,
                    help="seconds for all parts: a part whose limit no longer fits is skipped")
     p.add_argument("--parts", default=",".join(name for name, _, _ in PARTS))
@@ -74,7 +103,10 @@ def parse_args():
     args = p.parse_args()
     if args.tiny:
         args.train_samples, args.eval_samples = args.train_samples or 64, args.eval_samples or 32
-        args.max_length, args.batch_size, args.peak_tflops = 64, 8, 0.14
+        args.max_length, args.batch_size = 64, 8
+        args.peak_tflops, args.peak_source = 0.14, "this CPU's measured fp32 matmul peak"
+    elif args.peak_tflops:
+        args.peak_source = "--peak-tflops"
     return args
 
 
@@ -259,6 +291,12 @@ def main():
     device = "cpu" if args.tiny else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run on a GPU machine, or pass --tiny for the CPU check")
+    if not args.peak_tflops:
+        found = card_peak(torch.cuda.get_device_name(0))
+        if found is None:
+            raise SystemExit(f"{torch.cuda.get_device_name(0)} has no peak in CARD_PEAKS: pass "
+                             "--peak-tflops (its dense bf16 TFLOP/s)")
+        args.peak_tflops, args.peak_source = found
     deadline = time.perf_counter() + args.budget
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for a hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -108,6 +109,11 @@ def summary_of(stdout):
     return {name: value.strip() for name, value in rows}
 
 
+# The IPU flow on the stand-in: 224 reviews are 2 host calls an epoch of 4 optimizer steps.
+IPU_ARGS = ["--device", "ipu", "--device-iterations", "4", "--batch-size", "4",
+            "--train-samples", "224", "--eval-samples", "50", "--max-length", "32"]
+
+
 def run_args(model_dir, data_dir, out_dir, *extra):
     """A quick CPU recipe for tests: short texts, a learning rate tiny models learn with."""
     return ["--model", str(model_dir), "--dataset", str(data_dir), "--output-dir", str(out_dir),
@@ -160,3 +166,16 @@ def poisoned_forward(monkeypatch, bad_call):
         return out
 
     monkeypatch.setattr(ElectraForSequenceClassification, "forward", forward_with_nan)
+
+
+class WithIdentityLoss(torch.nn.Module):
+    """A module and a loss function as a PopTorch training model (the stand-in) wants
+    them: forward returns (identity_loss(loss), loss)."""
+
+    def __init__(self, module, loss_fn):
+        super().__init__()
+        self.module, self.loss_fn = module, loss_fn
+
+    def forward(self, x, y):
+        loss = self.loss_fn(self.module(x), y)
+        return poptorch_standin.identity_loss(loss, reduction="none"), loss

@@ -38,6 +38,11 @@ read from PopTorch's source, tag sdk/poptorch/3.4.0; the file is named for each)
 - poptorch.optim.AdamW keeps the Adam moments in `ipu_state`/`ipu_param` of its
   state_dict() (torch's `state` stays empty), and load_state_dict refuses a state
   without them (python/optim.py);
+- the optimizer's attributes on the device are those at compile; a change on the host
+  reaches the device only through setOptimizer, which refuses to change an attribute
+  left out of the constructor (constant); per group: lr, betas, eps, weight_decay,
+  amsgrad; max_grad_norm (clipping over all gradients, on the device) is one value
+  (python/optim.py, docs/user_guide/overview.rst "Optimizers");
 - compile/attach/detach errors use PopTorch's messages, and only one model can
   hold the IPUs at a time (python/_poplar_executor.py);
 - the IPUs a model uses (IPUs x replicas) must be a power of two unless
@@ -74,6 +79,7 @@ assert torch.__version__.startswith(TORCH_VERSION), (
 EVENTS = []           # ("compile" | "attach" | "detach" | "call", "training" | "inference")
 CACHES = []           # (model name, executable cache path) at each compile
 IDENTITY_LOSSES = []  # (model name, reduction) of each identity_loss in a traced graph
+DEVICE_LRS = []       # the lr of each optimizer step the device ran (its first group's)
 _holder = [None]      # the executor attached to the IPUs, if any
 _tracing = [None]     # the name of the model being traced, while it is
 _losses_in_forward = []
@@ -83,6 +89,7 @@ def reset():
     EVENTS.clear()
     CACHES.clear()
     IDENTITY_LOSSES.clear()
+    DEVICE_LRS.clear()
     _holder[0] = None
 
 
@@ -172,12 +179,25 @@ def BeginBlock(module, user_id=None, ipu_id=None):
     return module
 
 
+GROUP_ATTRS = ("lr", "betas", "eps", "weight_decay", "amsgrad")  # python/optim.py _group_vars
+
+
 class _AdamW(torch.optim.AdamW):
     """The host side of poptorch.optim.AdamW: the moments live on the IPU and come
-    back, after a detach, as `ipu_state` (popart's Accl1/Accl2/Step tensors)."""
+    back, after a detach, as `ipu_state` (popart's Accl1/Accl2/Step tensors).
 
-    def __init__(self, params, lr=1e-3, loss_scaling=None, **kwargs):
-        super().__init__(params, lr=lr, **kwargs)
+    As python/optim.py's _parseArgs: an attribute given explicitly to the constructor
+    is variable (setOptimizer may change it), one left out is constant.
+    max_grad_norm (default inf: no clipping) is one value for the whole optimizer."""
+
+    def __init__(self, params, lr=None, betas=None, eps=None, weight_decay=None, amsgrad=None,
+                 max_grad_norm=None, loss_scaling=None, **kwargs):
+        given = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
+                 "amsgrad": amsgrad, "max_grad_norm": max_grad_norm}
+        self.variable_attrs = {name for name, value in given.items() if value is not None}
+        super().__init__(params, **{k: v for k, v in given.items()
+                                    if v is not None and k != "max_grad_norm"}, **kwargs)
+        self.max_grad_norm = float("inf") if max_grad_norm is None else max_grad_norm
         self._ipu = {"ipu_state": None, "ipu_param": None}
 
     def state_dict(self):
@@ -256,6 +276,8 @@ class _Executor:
         self.attached = False
         self.attaches = 0
         self._device_model = self._device_optimizer = None
+        self._device_hparams = None  # the optimizer's values on the device: from compile,
+        self.set_optimizer_calls = 0  # then only from setOptimizer
         if not training and self.options.Training.gradient_accumulation != 1:
             raise RuntimeError("Gradient accumulation is not supported for inference models")
 
@@ -331,6 +353,8 @@ class _Executor:
         names, args = self._bind(args, kwargs)
         shapes = self._check(args)
         self._trace(args)
+        if self.training:
+            self._device_hparams = _hparams(self.optimizer)
         self.compiled_shapes, self.compiled_names = shapes, names
         EVENTS.append(("compile", self.name))
         CACHES.append((self.name, self.options.executable_cache))
@@ -352,13 +376,37 @@ class _Executor:
                 os.kill(os.getpid(), signal.SIGKILL)
             self._upload()
 
+    def setOptimizer(self, optimizer):
+        """The host optimizer's variable attributes reach the device (python/_poplar_executor.py):
+        the only way they do. A constant attribute (not given to the constructor) cannot change."""
+        new = _hparams(optimizer)
+        if self._device_hparams is not None:
+            for name in ("max_grad_norm",) + GROUP_ATTRS:
+                before = [g[name] for g in self._device_hparams["groups"]] \
+                    if name != "max_grad_norm" else [self._device_hparams[name]]
+                after = [g[name] for g in new["groups"]] if name != "max_grad_norm" \
+                    else [new[name]]
+                if before != after and name not in optimizer.variable_attrs:
+                    raise RuntimeError(f"stand-in: {name} is a constant of the compiled graph "
+                                       "(it was not given to the optimizer's constructor); "
+                                       "setOptimizer cannot change it")
+        self.optimizer, self._device_hparams = optimizer, new
+        self.set_optimizer_calls += 1
+        EVENTS.append(("setOptimizer", self.name))
+        if self._device_optimizer is not None:
+            for device_group, values in zip(self._device_optimizer.param_groups, new["groups"]):
+                device_group.update(values)
+
     def _upload(self):
-        """The host weights and optimizer state (from a checkpoint, or a previous detach) go to the device."""
+        """The host weights and optimizer state (from a checkpoint, or a previous detach) go to
+        the device; the optimizer's attributes are the device's own (compile, setOptimizer)."""
         self._device_model = copy.deepcopy(self.model)
-        group = self.optimizer.param_groups[0]
+        device_params = dict(self._device_model.named_parameters())
+        names = {id(p): name for name, p in self.model.named_parameters()}
         self._device_optimizer = torch.optim.AdamW(
-            self._device_model.parameters(),
-            **{k: group[k] for k in ("lr", "betas", "eps", "weight_decay")})
+            [{"params": [device_params[names[id(p)]] for p in group["params"]], **values}
+             for group, values in zip(self.optimizer.param_groups,
+                                      self._device_hparams["groups"])])
         ipu_state = self.optimizer._ipu["ipu_state"]
         if ipu_state:
             for name, param in self._device_model.named_parameters():
@@ -376,7 +424,7 @@ class _Executor:
                 "ipu_state": {prefix + names[param]: values[key].detach().clone()
                               for param, values in self._device_optimizer.state.items()
                               for key, prefix in ADAM_STATE.items()},
-                "ipu_param": {"learningRate": torch.tensor(self.optimizer.param_groups[0]["lr"])},
+                "ipu_param": {"learningRate": torch.tensor(self._device_hparams["groups"][0]["lr"])},
             }
             self._device_model = self._device_optimizer = None
         _holder[0], self.attached = None, False
@@ -422,7 +470,11 @@ class _Executor:
             # ReductionType.Mean: gradients averaged over accumulation and replicas
             (_losses_in_forward[0].mean() / per_step).backward()
             if (i + 1) % per_step == 0:
+                clip = self._device_hparams["max_grad_norm"]
+                if clip != float("inf"):  # on the device, the norm over all the gradients
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
                 optimizer.step()
+                DEVICE_LRS.append(optimizer.param_groups[0]["lr"])
                 optimizer.zero_grad(set_to_none=True)
             outputs.append(tuple(o.detach() for o in out))
         return outputs
@@ -430,6 +482,12 @@ class _Executor:
     @torch.no_grad()
     def _infer(self, micro):
         return [tuple(self.model(*batch)) for batch in micro]
+
+
+def _hparams(optimizer):
+    return {"groups": [{name: group[name] for name in GROUP_ATTRS}
+                       for group in optimizer.param_groups],
+            "max_grad_norm": optimizer.max_grad_norm}
 
 
 def trainingModel(model, options=None, optimizer=None):

@@ -21,7 +21,9 @@ def test_gpu_check_tiny_mode_runs_every_part_on_cpu(tiny_model_dir, sentiment_di
     assert results["machine"]["device"] == "cpu" and results["machine"]["torch"]
     parts = results["parts"]
     assert list(parts) == ["cuda_tests", "ours", "trainer_fp32", "trainer_bf16", "ours_packed",
-                           "ours_base_size", "ours_fp32", "ours_base_size_packed", "ours_eager"]
+                           "ours_base_size", "ours_fp32", "ours_base_size_packed", "ours_eager",
+                           "ours_linear_clipped"]
+    assert results["args"]["peak_source"] == "this CPU's measured fp32 matmul peak"
     assert parts["cuda_tests"]["exit_code"] == 0 and "skipped" in parts["cuda_tests"]["summary"]
     for name, part in parts.items():
         if name == "cuda_tests":
@@ -37,3 +39,15 @@ def test_gpu_check_tiny_mode_runs_every_part_on_cpu(tiny_model_dir, sentiment_di
     assert results["ours_over_faster_trainer"]["train"] == pytest.approx(
         ours["train_reviews_per_s"] / faster["train_reviews_per_s"])
     assert "| ours_packed |" in proc.stdout and "ours / faster Trainer" in proc.stdout
+
+
+def test_mfu_takes_the_cards_own_dense_peak():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+    assert gpu_check.card_peak("NVIDIA H200")[0] == 989
+    assert gpu_check.card_peak("NVIDIA H100 80GB HBM3")[0] == 989
+    assert gpu_check.card_peak("NVIDIA H100 PCIe")[0] == 756
+    assert gpu_check.card_peak("NVIDIA A100-SXM4-80GB")[0] == 312
+    assert gpu_check.card_peak("Tesla T4")[0] == 65
+    assert "datasheet" in gpu_check.card_peak("NVIDIA H200")[1]
+    assert gpu_check.card_peak("Some Future GPU") is None

@@ -10,11 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 import finetune_electra as fe
-from conftest import ROOT, assert_accuracy_of_saved_model, cli_error, run_args, standin_env, \
-    summary_of
+from conftest import IPU_ARGS, ROOT, WithIdentityLoss, assert_accuracy_of_saved_model, cli_error, \
+    run_args, standin_env, summary_of
 
-IPU_ARGS = ["--device", "ipu", "--device-iterations", "4", "--batch-size", "4",
-            "--train-samples", "224", "--eval-samples", "50", "--max-length", "32"]
 SCRIPT = str(ROOT / "finetune_electra.py")
 
 
@@ -83,8 +81,8 @@ def test_steps_and_losses_are_counted_per_optimizer_step(ipu_run):
     assert summary["optimizer steps in total"] == "16"
     assert summary["device"] == "IPU, 4 pipeline stages x 1 replica(s) = 4 IPUs"
     curve = json.loads((out / "loss_curve.json").read_text())
-    assert [step for step, _ in curve] == list(range(1, 17))  # --log-every 1: every step
-    assert len({round(loss, 6) for _, loss in curve}) > 8  # each step's own loss, not a repeat
+    assert [step for step, *_ in curve] == list(range(1, 17))  # --log-every 1: every step
+    assert len({round(loss, 6) for _, loss, *_ in curve}) > 8  # each step's own loss, not a repeat
     state = json.loads((fe.list_checkpoints(out)[-1] / "state.json").read_text())
     assert state["global_step"] == 16
     assert "pipeline stage plan (4 stages, applied with poptorch.BeginBlock)" in stdout
@@ -305,7 +303,7 @@ def test_replicas_multiply_the_host_batch_and_every_eval_sample_is_predicted_onc
     summary = summary_of(capsys.readouterr().out)
     assert {key: summary[key] for key in expected} == expected
     steps = int(expected["optimizer steps per epoch"])
-    assert [s for s, _ in json.loads((out / "loss_curve.json").read_text())] == \
+    assert [s for s, *_ in json.loads((out / "loss_curve.json").read_text())] == \
         list(range(1, steps + 1))
     # 50 eval reviews in host batches of 4 x 4 x replicas rows: padded, each predicted once
     assert_accuracy_of_saved_model(metrics, out)
@@ -316,14 +314,9 @@ def test_replicas_get_rows_of_their_own_and_average_their_gradients(fake_poptorc
     torch.manual_seed(0)
     layer = torch.nn.Linear(4, 1)
 
-    class WithLoss(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layer = layer
-
-        def forward(self, x, y):
-            loss = torch.nn.functional.mse_loss(self.layer(x).squeeze(-1), y)
-            return fake_poptorch.identity_loss(loss, reduction="none"), loss
+    def with_loss():
+        return WithIdentityLoss(layer, lambda out, y: torch.nn.functional.mse_loss(
+            out.squeeze(-1), y))
 
     x, y = torch.randn(8, 4), torch.randn(8)
     results = []
@@ -332,13 +325,13 @@ def test_replicas_get_rows_of_their_own_and_average_their_gradients(fake_poptorc
         fake_poptorch.reset()
         optimizer = fake_poptorch.optim.AdamW(layer.parameters(), lr=0.1)
         opts = fake_poptorch.Options().replicationFactor(replicas)
-        model = fake_poptorch.trainingModel(WithLoss().train(), opts, optimizer)
+        model = fake_poptorch.trainingModel(with_loss().train(), opts, optimizer)
         model(x, y)
         model.detachFromDevice()
         results.append(layer.weight.detach().clone())
     torch.testing.assert_close(results[0], results[1])
     with pytest.raises(RuntimeError, match="two replicas got the same rows"):
-        fake_poptorch.trainingModel(WithLoss().train(),
+        fake_poptorch.trainingModel(with_loss().train(),
                                     fake_poptorch.Options().replicationFactor(2),
                                     fake_poptorch.optim.AdamW(layer.parameters()))(
             torch.cat([x[:4], x[:4]]), torch.cat([y[:4], y[:4]]))

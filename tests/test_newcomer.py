@@ -38,7 +38,7 @@ def test_summary_bar_and_epoch_lines_tell_one_story(capsys, tiny_model_dir, sent
                      for m in metrics]
     # readings every 5 steps of the run, and each epoch's last steps: 5, 7 | 10, 14
     curve = json.loads((out / "loss_curve.json").read_text())
-    assert [step for step, _ in curve] == [5, 7, 10, 14]
+    assert [step for step, *_ in curve] == [5, 7, 10, 14]
 
 
 def test_a_four_step_run_has_a_loss_curve(tiny_model_dir, sentiment_dir, tmp_path):
@@ -47,7 +47,7 @@ def test_a_four_step_run_has_a_loss_curve(tiny_model_dir, sentiment_dir, tmp_pat
     fe.main(run_args(tiny_model_dir, sentiment_dir, out, "--epochs", "1", "--train-samples", "32",
                      "--eval-samples", "16"))
     curve = json.loads((out / "loss_curve.json").read_text())
-    assert [step for step, _ in curve] == [4] and 0 < curve[0][1] < 2
+    assert [step for step, *_ in curve] == [4] and 0 < curve[0][1] < 2
 
 
 def test_the_new_head_is_one_line_not_a_load_report(capfd):
