@@ -108,7 +108,7 @@ def test_each_step_runs_with_its_scheduled_lr(controlled_run):
 
 def test_evaluations_every_eval_steps_and_at_epoch_ends(controlled_run):
     metrics, out, _ = controlled_run
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = fe.metric_lines(out)
     assert [m["step"] for m in lines] == [20, 40, 50, 60, 80, 100]  # 50 steps an epoch
     assert [m["step"] for m in lines if "train_loss" in m] == [50, 100]
     for m in lines:
@@ -120,7 +120,7 @@ def test_the_model_is_the_best_evaluations(controlled_run):
     """model/ predicts the eval split with the best evaluation's accuracy: the first of
     the highest (a later equal one is not better)."""
     _, out, _ = controlled_run
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = fe.metric_lines(out)
     best = max(lines, key=lambda m: (m["accuracy"], -m["step"]))
     assert json.loads((out / "best" / "best.json").read_text())["step"] == best["step"]
     args = json.loads((out / "args.json").read_text())
@@ -157,7 +157,7 @@ def test_the_summary_says_the_schedule_decay_clipping_and_evaluation(tiny_model_
     assert summary["weight decay"] == "0.01, none on biases and LayerNorm weights"
     assert summary["gradient clipping"] == "none"
     assert summary["evaluation"] == "each epoch end"
-    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lines = fe.metric_lines(tmp_path)
     assert [(m["epoch"], m["step"]) for m in lines] == [(1, 30)]  # --max-steps ends the epoch
     assert "Accuracy: " in out and "(epoch 1 of 1:" in out
 
@@ -166,7 +166,7 @@ def test_early_stopping_stops_at_the_expected_evaluation(tiny_model_dir, sentime
                                                         capsys):
     fe.main(run_args(tiny_model_dir, sentiment_dir, tmp_path, "--epochs", "3", "--eval-steps", "5",
                      "--load-best-model-at-end", "--early-stopping-patience", "2"))
-    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lines = fe.metric_lines(tmp_path)
     best, since, expected = None, 0, None
     for i, m in enumerate(lines):  # the Trainer's EarlyStoppingCallback, on these figures
         if best is None or m["accuracy"] > best:
@@ -309,7 +309,7 @@ def test_on_ipus_the_schedule_reaches_the_device_through_set_optimizer_once_per_
                                                          ("attach", "inference"),
                                                          ("detach", "inference")]
     assert events == epoch * 2
-    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lines = fe.metric_lines(tmp_path)
     assert [m["step"] for m in lines] == [4, 8, 12, 16]
 
 
