@@ -684,18 +684,20 @@ def metric_lines(out_dir):
         return []
 
 
-def epochs_done(out_dir_or_lines):
-    """The lines of the epochs a run has finished (of metric_lines, or of a directory's)."""
-    lines = out_dir_or_lines if isinstance(out_dir_or_lines, list) else \
-        metric_lines(out_dir_or_lines)
+def epoch_lines(lines):
+    """Of metric_lines, those of finished epochs (evaluations between them have no train_loss)."""
     return [m for m in lines if "train_loss" in m]
+
+
+def epochs_done(out_dir):
+    return epoch_lines(metric_lines(out_dir))
 
 
 def refuse_finished_resume(args):
     """--resume of a finished run (is_finished): nothing on disk changes."""
     lines = metric_lines(args.resume)
     if is_finished(args.resume, vars(args), lines):
-        done = len(epochs_done(lines))
+        done = len(epoch_lines(lines))
         more = (f"it stopped early at step {lines[-1]['step']:,}; start a new run to train on"
                 if lines[-1].get("stopped_early") else
                 f"pass --max-steps {args.max_steps * 2} to train on" if args.max_steps else
@@ -1055,7 +1057,7 @@ def describe_run(out_dir):
     if not (out_dir / "args.json").is_file():
         return None
     lines, checkpoints = metric_lines(out_dir), list_checkpoints(out_dir)
-    metrics = epochs_done(lines)
+    metrics = epoch_lines(lines)
     if not (metrics or checkpoints or (out_dir / "model").is_dir()):
         return None
     settings = settings_or_none(out_dir)
@@ -1070,7 +1072,7 @@ def describe_run(out_dir):
 def is_finished(out_dir, settings, lines):
     """Its model saved, and (its settings as last asked; `lines`: its metric_lines) every
     epoch done, or all of --max-steps, or stopped early."""
-    epochs, max_steps = epochs_done(lines), settings.get("max_steps")
+    epochs, max_steps = epoch_lines(lines), settings.get("max_steps")
     done = (any(m.get("stopped_early") for m in lines)
             or (max_steps and epochs and epochs[-1].get("step", 0) >= max_steps)
             or (not max_steps and isinstance(settings.get("epochs"), int)
@@ -2516,9 +2518,9 @@ class Checkpoints:
     def save_best(self, entry):
         """--load-best-model-at-end: this evaluation's weights as <output-dir>/best, a model
         directory, replacing the one before (under torchrun every rank gives its part)."""
-        weights, _, _, (config, tokenizer) = self.held.snapshot(with_optimizer=False) or (
-            None, None, None, (None, None))
+        snapshot = self.held.snapshot(with_optimizer=False)  # None on the other ranks
         if self.ranks.is_main:
+            weights, _, _, (config, tokenizer) = snapshot
             with writing(f"the best model to {self.out_dir / BEST}"):
                 write_model_dir(self.out_dir / BEST, weights, config, tokenizer,
                                 {"best.json": entry})
