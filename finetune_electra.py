@@ -9,7 +9,7 @@ iterations and output (anchor) modes; on CUDA or CPU, the same recipe in plain P
     python finetune_electra.py                        # the tutorial's recipe
     python finetune_electra.py --model DIR --dataset DIR --train-samples 2000
 
-Part one, up to the banner "Part two" at line 458, is the tutorial in its order:
+Part one, up to the banner "Part two" at line 460, is the tutorial in its order:
     1. Data: IMDB, tokenized           3. Pipeline stages: which layer on which IPU
     2. Model: ELECTRA, a new head      4. The IPU flow, in one function: finetune_on_ipus()
     5. finetune() and main(): what runs, and on which device
@@ -25,6 +25,7 @@ import contextlib
 import fcntl
 import functools
 import hashlib
+import importlib.util
 import itertools
 import json
 import math
@@ -89,22 +90,23 @@ def read_files(kind, files, split, root):
         return load_dataset(kind, data_files=files, split="train")
 
 
-def tokenize_batch(batch, tokenizer, text_column, max_length, padding):
-    encoded = tokenizer(batch[text_column], truncation=True, max_length=max_length,
-                        padding=padding, return_token_type_ids=False)
+def tokenize_batch(batch, tokenizer, text_columns, max_length, padding, token_types):
+    encoded = tokenizer(*(batch[c] for c in text_columns), truncation=True, max_length=max_length,
+                        padding=padding, return_token_type_ids=token_types)
     encoded["length"] = [sum(mask) for mask in encoded["attention_mask"]]
     return encoded
 
 
-def tokenize(ds, tokenizer, args, padding):
+def tokenize(ds, tokenizer, args, padding, token_types=False):
     """The tutorial's `map` of the tokenizer over the reviews, the text dropped and the
     label column renamed `labels`, as the model's forward names it. datasets caches the
     result: a second run reads it back. Kept besides: each review's length in tokens (to
-    batch like lengths); not kept: token type ids, all zero for single texts."""
+    batch like lengths); token type ids only for sentence pairs (single texts: all zero)."""
     ds = ds.map(tokenize_batch, batched=True, desc="Tokenizing",
                 remove_columns=[c for c in ds.column_names if c != args.label_column],
-                fn_kwargs=dict(tokenizer=tokenizer, text_column=args.text_column,
-                               max_length=args.max_length, padding=padding))
+                fn_kwargs=dict(tokenizer=tokenizer, text_columns=args.text_column.split(","),
+                               max_length=args.max_length, padding=padding,
+                               token_types=token_types))
     if args.label_column != "labels":
         ds = ds.rename_column(args.label_column, "labels")
     return ds
@@ -148,8 +150,9 @@ def load_data_and_model(args, padding, say, eager_attention):
     tokenize_padding = "max_length" if padding == "max_length" else False
     # The tutorial ends with set_format("torch"), so rows come out as tensors; Reviews
     # reads the token columns out of Arrow once instead (part two says why).
+    pairs = "," in args.text_column  # sentence pairs (part two): with their token types
     train, eval_ds = (Reviews(tokenize(subset(splits[split], samples, args.seed), tokenizer, args,
-                                       tokenize_padding))
+                                       tokenize_padding, takes_token_types(model, pairs)))
                       for split, samples in (("train", args.train_samples),
                                              ("eval", args.eval_samples)))
     data = Data(train, eval_ds, tokenizer.pad_token_id, packing)
@@ -179,27 +182,25 @@ def layer_stages(num_layers, stages):
     return [1 + i * (stages - 1) // num_layers for i in range(num_layers)]
 
 
-def plan_stages(model, stages):
-    """[(module name, stage)] in forward order, for any BERT-family classifier."""
-    base_name, base = model.base_model_prefix, model.base_model
-    encoder = None  # (its name, the name of its layer list, the layers)
-    for child_name, child in base.named_children():
-        lists = [(n, m) for n, m in child.named_children() if isinstance(m, torch.nn.ModuleList)]
-        if lists:
-            encoder = (child_name, *lists[0])
-            break
-    if encoder is None:
-        raise FinetuneError(f"cannot find the encoder layers of {type(model).__name__}")
-    encoder_name, layers_name, layers = encoder
-    layers_path = f"{base_name}.{encoder_name}.{layers_name}"
-    plan, stage_of_layer = [], layer_stages(len(layers), stages)
-    seen_encoder = False
-    for child_name, _ in base.named_children():
-        if child_name == encoder_name:
-            seen_encoder = True
-            plan += [(f"{layers_path}.{i}", s) for i, s in enumerate(stage_of_layer)]
-        else:  # embeddings (and their projection) before the encoder, pooler after
-            plan.append((f"{base_name}.{child_name}", stages - 1 if seen_encoder else 0))
+def plan_stages(model, stages, on_ipu=False):
+    """[(module name, stage)] in forward order: what runs before the transformer blocks
+    (embeddings) on stage 0, the blocks spread over the others, what runs after them
+    (final norm, pooler, the head) on the last. Modules without weights (rotary tables)
+    stay on the stage that runs them."""
+    check_placeable(model, on_ipu)  # what IPUs or torchrun pipelines cannot take (yet)
+    base_name, (blocks_name, blocks) = model.base_model_prefix, transformer_blocks(model)
+    parent = blocks_name.rpartition(".")[0]  # encoder (BERT), transformer (DistilBERT), none
+    children = []  # the base model's, with the blocks' parent opened up
+    for name, module in model.base_model.named_children():
+        children += ([(f"{name}.{n}", m) for n, m in module.named_children()]
+                     if name == parent else [(name, module)])
+    plan, stage_of_block, seen_blocks = [], layer_stages(len(blocks), stages), False
+    for name, module in children:
+        if name == blocks_name:
+            seen_blocks = True
+            plan += [(f"{base_name}.{name}.{i}", s) for i, s in enumerate(stage_of_block)]
+        elif any(True for _ in module.parameters()):
+            plan.append((f"{base_name}.{name}", stages - 1 if seen_blocks else 0))
     plan += [(name, stages - 1) for name, module in model.named_children()  # the head
              if name != base_name and any(True for _ in module.parameters())]
     return plan
@@ -229,11 +230,12 @@ class IPUWrapper(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, labels, loss_weights=None, position_ids=None):
-        packed = {} if loss_weights is None else {"loss_weights": loss_weights,  # section 11
-                                                  "position_ids": position_ids}
+    def forward(self, input_ids, attention_mask, labels, loss_weights=None, position_ids=None,
+                token_type_ids=None):
+        given = {"loss_weights": loss_weights, "position_ids": position_ids,  # packed rows,
+                 "token_type_ids": token_type_ids}  # section 11; sentence pairs, part two
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                         **packed)
+                         **{name: value for name, value in given.items() if value is not None})
         if self.model.training:
             return poptorch.identity_loss(out.loss, reduction="none"), out.logits
         return out.loss, out.logits
@@ -331,14 +333,15 @@ def finetune_on_ipus(args, model, plan, data, run):
                           f"{args.device_iterations} device iterations x {accumulation} accumulated"
                           + (f" x {args.replicas} replicas)" if args.replicas > 1 else ")"))
     train_set = data.train_dataset(step_rows, accumulation * args.replicas, multiple=host_batch)
+    shuffle = torch.Generator()  # seeded each epoch: a resumed epoch's order is the same
     train_loader = poptorch.DataLoader(train_opts, train_set, batch_size=args.batch_size,
-                                       shuffle=not data.packing, drop_last=True)
+                                       shuffle=not data.packing, drop_last=True, generator=shuffle)
     # A static graph cannot take a short last batch. The tutorial dropped it; here the
     # eval set is padded to whole batches (repeats of its first review, or empty packed
     # rows) whose extra predictions are ignored: accuracy is over every review.
     eval_set, eval_reviews = data.eval_dataset(host_batch // accumulation)  # eval: no accumulation
-    eval_loader = poptorch.DataLoader(eval_opts, eval_set, batch_size=args.batch_size,
-                                      shuffle=False, drop_last=True)
+    eval_loader = poptorch.DataLoader(eval_opts, eval_set, batch_size=args.batch_size,  # its own
+                                      shuffle=False, drop_last=True, generator=torch.Generator())
 
     # Pipeline stages, the wrapper naming the loss, PopTorch's AdamW, the two models.
     run.progress.say_stage_plan(model, plan, "applied with poptorch.BeginBlock")
@@ -363,32 +366,31 @@ def finetune_on_ipus(args, model, plan, data, run):
     run.checkpoints.hold(model, optimizer, mid_epoch=False)
     run.checkpoints.resume_if_asked()
     run.start(model, steps_per_epoch=len(train_loader) * args.device_iterations,
-              eval_batches=len(eval_loader),
-              step_rows=step_rows, accumulation=accumulation,
-              device=(f"IPU, {args.stages} pipeline stages x {args.replicas} replica(s) = "
-                      f"{args.stages * args.replicas} IPUs"),
-              extra={"device iterations": f"{args.device_iterations} optimizer steps per call",
-                     "host batch": counted(host_batch, data.unit),
-                     "executable cache": args.executable_cache})
+              multiple=args.device_iterations, eval_batches=len(eval_loader),
+              step_rows=step_rows, accumulation=accumulation, **ipu_summary(args, host_batch, data))
     validate = functools.partial(validate_on_ipus, inference_model, eval_loader, eval_reviews,
                                  data.eval_labels, run.progress)
     run.evaluate = functools.partial(validate, between=training_model)  # for --eval-steps
     for epoch in run.epochs():
         data.pack_epoch(epoch)
+        shuffle.manual_seed(args.seed + epoch)
         training_model.attachToDevice()
-        calls = run.plan.in_epoch(epoch) // args.device_iterations  # fewer: --max-steps
-        for batch in itertools.islice(train_loader, calls):
+        # Host calls: fewer where --max-steps ends the epoch; a resumed one skips those made.
+        done, calls = (steps // args.device_iterations
+                       for steps in (run.state["step"], run.plan.in_epoch(epoch)))
+        for batch in itertools.islice(train_loader, done, calls):
             # The lr schedule reaches the IPU only through setOptimizer, so it changes once
             # per host call (--device-iterations steps); the default constant lr never does.
             if run.schedule.update(optimizer, run.state["global_step"]):
                 training_model.setOptimizer(optimizer)
             losses, _ = training_model(**batch)
+            run.progress.advance(args.device_iterations)  # the bar counts optimizer steps
             # One call ran device-iterations optimizer steps: one loss for each (the mean of
             # its micro-batches', on every replica), counted as the CPU loop counts them.
             step_losses = losses.reshape(args.device_iterations, -1).mean(1)
             run.steps_done(step_losses.tolist(), samples_in(batch), updates_applied=True)
         training_model.detachFromDevice()  # the trained weights come back to the host
-        run.end_epoch(*validate())  # prints "Accuracy: 0.xxx" ...
+        run.end_epoch(validate)  # validates (each epoch, as the tutorial), "Accuracy: 0.xxx"
 
 
 # ----------------------------------------------------------------------------
@@ -408,7 +410,8 @@ def finetune(args, device, ranks):
         data, model, tokenizer = load_data_and_model(args, padding, say, eager_attention=on_ipu)
     if ranks.enabled:  # same initial weights everywhere, but each rank its own dropout masks
         torch.manual_seed(args.seed + ranks.rank)
-    plan = plan_stages(model, args.stages if on_ipu else ranks.stages)  # torchrun: its stages
+    stages = args.stages if on_ipu else ranks.stages  # torchrun: its stages
+    plan = plan_stages(model, stages, on_ipu) if on_ipu or stages > 1 else None  # where placed
 
     # Only now the output directory: a start that fails above leaves nothing behind.
     with run_directory(args, ranks, say) as out_dir:  # this run's alone, locked
@@ -428,9 +431,8 @@ def finetune(args, device, ranks):
         # The fine-tuned model (on IPU the host copy, refreshed by the last detach), or
         # with --load-best-model-at-end the best evaluation's.
         if ranks.is_main:
-            if args.load_best_model_at_end:
-                load_best_model(out_dir, model, run.state["best"], say)
-            save_model(out_dir, model, tokenizer)
+            save_model(out_dir, model, tokenizer, say,
+                       best=run.state["best"] if args.load_best_model_at_end else None)
             say(f"model, metrics.jsonl and curves.png in {out_dir}")
         return run.state["metrics"]
 
@@ -489,9 +491,43 @@ BUCKET = 64  # --padding buckets: batch lengths are multiples of this (8 shapes 
 PACKED_MAX_PER_ROW = 4  # IMDB at 512 tokens: rows 98.7% full (3: 98.5%, 2: 91%)
 
 
+# A Trainer user types its names and values: HfArgumentParser reads a boolean as a bare flag
+# or as true/false, yes/no, 1/0, and a step count below 1 as a ratio of all training steps.
+def yes_or_no(text):
+    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(
+        str(text).lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a yes or no (true, false, yes, no, "
+                                         "1, 0)")
+    return value
+
+
+def auto_yes_no(text):  # --bf16, --group-by-length: auto, or the Trainer's boolean
+    return text if text == "auto" else "yes" if yes_or_no(text) else "no"
+
+
+TRAINER_BOOL = dict(nargs="?", const=True, default=False, type=yes_or_no)
+RATIO_HELP = "a number below 1 is a ratio of all training steps, as in the Trainer"
+DEVICES = ("auto", "ipu", "cuda", "cpu")
+
+
+def number(text):
+    """A whole number as an int (3, not 3.0), else a float."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
+def step_count(text):
+    """A count of optimizer steps, or (below 1) a ratio of all of them: StepPlan.steps."""
+    value = number(text)
+    if value > 1 and not isinstance(value, int):
+        raise argparse.ArgumentTypeError(f"{text}: a whole number of steps, or a ratio below 1")
+    return value
+
+
 def build_parser():
     p = ArgumentParser(
-        description="Fine-tune ELECTRA (or any BERT-family model) for text classification, "
+        description="Fine-tune ELECTRA (or another sequence classifier) for text classification, "
         "as in Graphcore's tutorial, on IPU, CUDA or CPU.",
         formatter_class=DefaultsHelpFormatter)
     data = p.add_argument_group("data")
@@ -516,39 +552,19 @@ def build_parser():
     data.add_argument("--max-per-row", type=int, default=None, help="--padding packed: at "
                       f"most this many texts in a row (default {PACKED_MAX_PER_ROW})")
     data.add_argument("--group-by-length", choices=["auto", "yes", "no"], default="auto",
+                      nargs="?", const="yes", type=auto_yes_no,
                       help="batch texts of similar length together (auto: with dynamic padding)")
+    data.add_argument("--train-sampling-strategy", dest="group_by_length",
+                      choices=["auto", "yes", "no"], default=argparse.SUPPRESS,
+                      type=lambda v: {"group_by_length": "yes", "random": "no"}.get(v, v),
+                      help="transformers 5's name: group_by_length (--group-by-length yes) or "
+                      "random (no)")
     data.add_argument("--train-samples", type=int, default=None,
                       help="train on a random subset of this size (seeded)")
     data.add_argument("--eval-samples", type=int, default=None,
                       help="evaluate on a random subset of this size (seeded)")
 
-    train = p.add_argument_group("training")
-    train.add_argument("--epochs", type=int, default=3, help="passes over the train split")
-    train.add_argument("--batch-size", type=int, default=4, help="samples per micro-batch")
-    train.add_argument("--eval-batch-size", type=int, default=None,
-                       help="default: batch size x device iterations, the tutorial's "
-                       "eval host batch")
-    train.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate")
-    train.add_argument("--gradient-accumulation", type=int, default=None,
-                       help="micro-batches per optimizer step (default: 2 x stages - 1 on "
-                       "pipelined IPUs, as PopTorch requires since SDK 2.4; 1 elsewhere)")
-    train.add_argument("--seed", type=int, default=42,
-                       help="seeds the head's initial weights, the shuffles and dropout")
-    train.add_argument("--device", choices=["auto", "ipu", "cuda", "cpu"], default="auto",
-                       help="auto: ipu if PopTorch imports, else cuda if available, else cpu")
-    train.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA/CPU)")
-    train.add_argument("--cuda-graphs", choices=["auto", "yes", "no"], default="auto",
-                       help="replay each train and eval step as a CUDA graph (auto: on one CUDA "
-                       "process with static shapes)")
-    train.add_argument("--bf16", choices=["auto", "yes", "no"], default="auto",
-                       help="bfloat16 autocast (auto: the card's best: bfloat16 on CUDA compute "
-                       "capability 8.0 and newer, else float16 with loss scaling; CPU float32)")
-    train.add_argument("--fp16", action="store_true",
-                       help="float16 autocast with dynamic loss scaling (CUDA/CPU)")
-    train.add_argument("--log-every", type=int, default=10,
-                       help="steps between loss readings (progress bar, loss curve)")
-    train.add_argument("--on-nan", choices=["stop", "skip"], default="stop",
-                       help="on a non-finite loss: stop (after saving), or skip that step")
+    add_training_arguments(p)
 
     ipu = p.add_argument_group("IPU and pipeline")
     ipu.add_argument("--ipus", "--stages", dest="stages", type=int, default=4,
@@ -570,49 +586,108 @@ def build_parser():
     return p
 
 
+def add_training_arguments(p):
+    """The tutorial's recipe (epochs, batch, lr) and how it runs (device, precision, logging);
+    the Trainer's names for them too."""
+    train = p.add_argument_group("training")
+    train.add_argument("--epochs", "--num-train-epochs", dest="epochs", type=number, default=3,
+                       help="passes over the train split (a fraction ends the last one early, "
+                       "as the Trainer's)")
+    train.add_argument("--batch-size", "--per-device-train-batch-size", dest="batch_size",
+                       type=int, default=4, help="samples per micro-batch")
+    train.add_argument("--eval-batch-size", "--per-device-eval-batch-size",
+                       dest="eval_batch_size", type=int, default=None,
+                       help="default: batch size x device iterations, the tutorial's "
+                       "eval host batch (IPUs and torchrun pipelines: always that)")
+    train.add_argument("--lr", "--learning-rate", dest="lr", type=float, default=1e-6,
+                       help="AdamW learning rate")
+    train.add_argument("--gradient-accumulation", "--gradient-accumulation-steps",
+                       dest="gradient_accumulation", type=int, default=None,
+                       help="micro-batches per optimizer step (default: 2 x stages - 1 on "
+                       "pipelined IPUs, as PopTorch requires since SDK 2.4; 1 elsewhere)")
+    train.add_argument("--seed", type=int, default=42,
+                       help="seeds the head's initial weights, the shuffles and dropout")
+    train.add_argument("--device", choices=DEVICES, default="auto",
+                       help="auto: ipu if PopTorch imports, else cuda if available, else cpu")
+    train.add_argument("--use-cpu", dest="device", nargs="?", const="cpu",
+                       default=argparse.SUPPRESS,
+                       type=lambda v: v if v in DEVICES else "cpu" if yes_or_no(v) else "auto",
+                       help="the Trainer's name for --device cpu")
+    train.add_argument("--compile", "--torch-compile", dest="compile", **TRAINER_BOOL,
+                       help="torch.compile the model (CUDA/CPU)")
+    train.add_argument("--cuda-graphs", choices=["auto", "yes", "no"], default="auto",
+                       help="replay each train and eval step as a CUDA graph (auto: on one CUDA "
+                       "process with static shapes)")
+    train.add_argument("--bf16", choices=["auto", "yes", "no"], default="auto", nargs="?",
+                       const="yes", type=auto_yes_no,
+                       help="bfloat16 autocast (auto: the card's best: bfloat16 on CUDA compute "
+                       "capability 8.0 and newer, else float16 with loss scaling; CPU float32)")
+    train.add_argument("--fp16", **TRAINER_BOOL,
+                       help="float16 autocast with dynamic loss scaling (CUDA/CPU)")
+    train.add_argument("--log-every", "--logging-steps", dest="log_every", type=step_count,
+                       default=10, help="steps between loss readings (progress bar, loss "
+                       f"curve); {RATIO_HELP}")
+    train.add_argument("--on-nan", choices=["stop", "skip"], default="stop",
+                       help="on a non-finite loss: stop (after saving), or skip that step")
+
+
 def add_trainer_arguments(p):
     """The controls a fine-tuner reaches for, named (and meant) as in HF's TrainingArguments.
     Their defaults keep the tutorial's recipe: a constant lr, no clipping, no extra evaluation."""
     sched = p.add_argument_group("schedule, regularisation and evaluation (as HF's Trainer)")
     sched.add_argument("--lr-scheduler-type", choices=["constant", "linear", "cosine"],
-                       default="constant", help="the lr after warm-up: constant (the tutorial), "
-                       "or decaying to 0 at the last step, linearly or along a cosine")
+                       default="constant", type=lambda v: {"constant_with_warmup": "constant"}
+                       .get(v, v), help="the lr after warm-up: constant (the tutorial; with a "
+                       "warm-up, the Trainer's constant_with_warmup), or decaying to 0 at the "
+                       "last step, linearly or along a cosine")
     sched.add_argument("--warmup-ratio", type=float, default=0.0,
-                       help="warm-up: the lr rises linearly from 0 over this share of all steps")
-    sched.add_argument("--warmup-steps", type=int, default=0,
-                       help="warm-up over this many optimizer steps (overrides --warmup-ratio)")
+                       help="warm-up: the lr rises linearly from 0 over this share of all steps "
+                       "(transformers 4's name; 5 takes the ratio in --warmup-steps)")
+    sched.add_argument("--warmup-steps", type=step_count, default=0,
+                       help=f"warm-up over this many optimizer steps; {RATIO_HELP}")
     sched.add_argument("--weight-decay", type=float, default=0.01,
                        help="AdamW's decoupled weight decay (its default, the tutorial's); "
                        "biases and LayerNorm weights are not decayed, as in the Trainer")
     sched.add_argument("--max-grad-norm", type=float, default=None,
                        help="clip the gradients' global norm to this (default: no clipping, "
-                       "the tutorial; the Trainer's is 1.0)")
+                       "the tutorial; 0 too; the Trainer's: 1.0)")
     sched.add_argument("--max-steps", type=int, default=None,
-                       help="train this many optimizer steps in all (overrides --epochs)")
-    sched.add_argument("--eval-steps", type=int, default=None,
-                       help="also evaluate every N optimizer steps (always at each epoch end)")
-    sched.add_argument("--load-best-model-at-end", action="store_true",
+                       help="train this many optimizer steps in all (overrides --epochs; -1: "
+                       "none); --resume with a larger one trains on from where it stopped")
+    sched.add_argument("--eval-strategy", choices=["no", "steps", "epoch"], default="epoch",
+                       help="when to evaluate: at each epoch end (the tutorial; with "
+                       "--eval-steps, also every N steps), every --eval-steps steps only "
+                       "(without --eval-steps: every --log-every steps), or never")
+    sched.add_argument("--eval-steps", type=step_count, default=None,
+                       help=f"evaluate every N optimizer steps; {RATIO_HELP}")
+    sched.add_argument("--load-best-model-at-end", **TRAINER_BOOL,
                        help="<output-dir>/model gets the weights of the best evaluation")
     sched.add_argument("--metric-for-best-model", choices=["accuracy", "f1", "loss"],
-                       default="accuracy", help="what 'best' means: the highest accuracy or "
-                       "macro F1, or the lowest eval loss")
+                       default=None, type=lambda v: v[len("eval_"):] if v.startswith("eval_")
+                       else v, help="what 'best' means: the highest accuracy (with "
+                       "--load-best-model-at-end alone), or macro F1, or the lowest eval loss "
+                       "(eval_accuracy, eval_f1, eval_loss too)")
     sched.add_argument("--early-stopping-patience", type=int, default=None,
                        help="stop after this many evaluations without a better one (needs "
                        "--load-best-model-at-end)")
-    sched.add_argument("--report-to", choices=["none", "tensorboard"], default="none",
+    sched.add_argument("--report-to", choices=["none", "tensorboard", "all"], default="none",
                        help="tensorboard: train loss, lr, eval metrics and speed as scalars "
-                       "in <output-dir>/tensorboard (pip install tensorboard)")
+                       "in <output-dir>/tensorboard (pip install tensorboard); all: every "
+                       "integration installed (here tensorboard, if it is)")
 
 
 def add_output_arguments(p):
     """Where results go, checkpoints, and prediction with a fine-tuned model."""
     out = p.add_argument_group("results and checkpoints")
     out.add_argument("--output-dir", default=None, help="default: runs/<timestamp>")
-    out.add_argument("--save-every", type=int, default=None,
-                     help="also checkpoint every N optimizer steps (always at each epoch end)")
-    out.add_argument("--keep", type=int, default=2, help="checkpoints kept")
-    out.add_argument("--resume", default=None,
-                     help="an output directory to continue, or 'auto' for the newest in runs/")
+    out.add_argument("--save-every", "--save-steps", dest="save_every", type=step_count,
+                     default=None, help="also checkpoint every N optimizer steps (always at "
+                     f"each epoch end); {RATIO_HELP}")
+    out.add_argument("--keep", "--save-total-limit", dest="keep", type=int, default=2,
+                     help="checkpoints kept")
+    out.add_argument("--resume", "--resume-from-checkpoint", dest="resume", default=None,
+                     help="an output directory to continue (or its newest checkpoint), 'auto' "
+                     "for the newest unfinished run in runs/, or 'true': --output-dir's")
     out.add_argument("--overwrite", action="store_true",
                      help="replace the run in --output-dir (it is kept until the new run's "
                      "first checkpoint is written)")
@@ -630,9 +705,9 @@ def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.resume:
+        args.resume = resolve_resume_dir(args.resume, args.output_dir)
         # Continue with the run's settings as last asked (args.json and what each resume
         # changed); anything given again on this command line wins.
-        args.resume = resolve_resume_dir(args.resume)
         saved = run_settings(args.resume)
         parser.set_defaults(**{k: v for k, v in saved.items() if k not in NOT_RESUMED})
         resumed = parser.parse_args(argv)
@@ -643,12 +718,28 @@ def parse_args(argv=None):
             raise FinetuneError("--overwrite starts a new run and --resume continues one: "
                                 "give one of them")
         resumed.resume, resumed.output_dir = args.resume, str(args.resume)
-        resumed.changes = resume_changes(saved, resumed)
-        args = resumed
+        args = trainer_values(resumed)
+        args.changes = resume_changes(saved, args)
         refuse_finished_resume(args)
-    check_ranges(args)
+    check_ranges(trainer_values(args))
     if (args.texts or args.predict_file) and not args.predict:
         raise FinetuneError("texts to classify (or --predict-file) need --predict MODEL_DIR")
+    return args
+
+
+def trainer_values(args):
+    """The Trainer's values for "none" as ours (--max-steps -1, --max-grad-norm 0), its
+    --eval-strategy steps without --eval-steps (every --log-every steps), --report-to all."""
+    if args.max_steps == -1:
+        args.max_steps = None
+    if args.max_grad_norm == 0:
+        args.max_grad_norm = None
+    if args.eval_strategy == "steps" and not args.eval_steps:
+        args.eval_steps = args.log_every
+    if args.report_to == "all":
+        args.report_to = "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
+    if args.load_best_model_at_end and not args.metric_for_best_model:
+        args.metric_for_best_model = "accuracy"  # the tutorial's measure (the Trainer: loss)
     return args
 
 
@@ -685,8 +776,9 @@ def metric_lines(out_dir):
 
 
 def epoch_lines(lines):
-    """Of metric_lines, those of finished epochs (evaluations between them have no train_loss)."""
-    return [m for m in lines if "train_loss" in m]
+    """Of metric_lines, those of finished epochs (evaluations between them have no train_loss;
+    an epoch the run ended early is `partial`)."""
+    return [m for m in lines if "train_loss" in m and not m.get("partial")]
 
 
 def epochs_done(out_dir):
@@ -697,14 +789,17 @@ def refuse_finished_resume(args):
     """--resume of a finished run (is_finished): nothing on disk changes."""
     lines = metric_lines(args.resume)
     if is_finished(args.resume, vars(args), lines):
-        done = len(epoch_lines(lines))
+        done, steps = len(epoch_lines(lines)), steps_trained(args.resume)
         more = (f"it stopped early at step {lines[-1]['step']:,}; start a new run to train on"
-                if lines[-1].get("stopped_early") else
+                if any(m.get("stopped_early") for m in lines) else
                 f"pass --max-steps {args.max_steps * 2} to train on" if args.max_steps else
-                f"pass --epochs {done + 1} to train one more epoch")
-        raise NothingToDo(f"{args.resume} holds a finished run ({done} of {args.epochs} "
-                          f"epochs, accuracy {lines[-1]['accuracy']:.3f}): nothing to resume; "
-                          + more)
+                f"pass --epochs {math.floor(args.epochs) + 1} to train on")
+        trained = (f"{steps:,} of --max-steps {args.max_steps:,} optimizer steps"
+                   if args.max_steps else f"{done} of {args.epochs:g} epochs")
+        accuracy = [m["accuracy"] for m in lines if "accuracy" in m][-1:]
+        raise NothingToDo(f"{args.resume} holds a finished run ({trained}"
+                          + "".join(f", accuracy {a:.3f}" for a in accuracy)
+                          + "): nothing to resume; " + more)
 
 
 def resume_changes(saved, args):
@@ -725,17 +820,40 @@ def resume_changes(saved, args):
 # What each number must be, as (argument, test, words for the error); optional ones
 # that were not given are None and skipped. The model's own limit on --max-length is
 # checked when the model is loaded.
-COUNTS = ("epochs", "batch_size", "eval_batch_size", "gradient_accumulation", "stages",
+COUNTS = ("batch_size", "eval_batch_size", "gradient_accumulation", "stages",
           "max_per_row", "device_iterations", "replicas", "train_samples", "eval_samples",
-          "log_every", "save_every", "keep", "max_steps", "eval_steps", "early_stopping_patience")
+          "keep", "early_stopping_patience")
+STEP_COUNTS = ("log_every", "save_every", "eval_steps")  # or ratios of all steps: step_count
 NUMBER_RANGES = [(name, lambda v: v >= 1, "at least 1") for name in COUNTS] + [
+    (name, lambda v: v > 0, f"more than 0 ({RATIO_HELP})") for name in STEP_COUNTS] + [
+    ("epochs", lambda v: v > 0, "more than 0"),
+    ("max_steps", lambda v: v >= 1, "at least 1, or -1 for none (--epochs decides)"),
     ("max_length", lambda v: v >= 2, "at least 2 (the [CLS] and [SEP] tokens)"),
     ("seed", lambda v: 0 <= v < 2**32, "from 0 to 4294967295 (what numpy's generator takes)"),
     ("lr", lambda v: 0 < v <= 1, "more than 0 and at most 1 (above that AdamW only diverges)"),
     ("warmup_ratio", lambda v: 0 <= v < 1, "from 0 up to, not including, 1"),
     ("warmup_steps", lambda v: v >= 0, "0 or more"),
     ("weight_decay", lambda v: 0 <= v < 1, "from 0 up to, not including, 1"),
-    ("max_grad_norm", lambda v: v > 0, "more than 0 (leave it out for no clipping)"),
+    ("max_grad_norm", lambda v: v > 0, "more than 0, or 0 for no clipping"),
+]
+# Settings that only mean something beside another: (given, needed, why), refused alone
+# rather than silently doing nothing.
+NEEDS = [
+    (lambda a: a.early_stopping_patience, lambda a: a.load_best_model_at_end,
+     "--early-stopping-patience needs --load-best-model-at-end: early stopping keeps the best "
+     "model, not the last"),
+    (lambda a: a.metric_for_best_model, lambda a: a.load_best_model_at_end,
+     "--metric-for-best-model says which evaluation's model --load-best-model-at-end keeps: "
+     "give both, or neither"),
+    (lambda a: a.load_best_model_at_end, lambda a: a.eval_strategy != "no",
+     "--load-best-model-at-end needs evaluations: --eval-strategy epoch or steps"),
+    (lambda a: a.eval_steps and a.eval_strategy == "no", lambda a: False,
+     "--eval-steps with --eval-strategy no: give --eval-strategy steps (or epoch) to evaluate"),
+    (lambda a: a.warmup_ratio and a.warmup_steps, lambda a: False,
+     "--warmup-ratio and --warmup-steps: give one (transformers 5 takes a ratio below 1 in "
+     "--warmup-steps)"),
+    (lambda a: a.fp16 and a.bf16 == "yes", lambda a: False,
+     "--fp16 and --bf16 yes: choose one precision"),
 ]
 
 
@@ -747,11 +865,9 @@ def check_ranges(args):
             raise FinetuneError(f"--{name.replace('_', '-')} {value}: must be {words}")
     if args.label_names is not None and not all(args.label_names.split(",")):
         raise FinetuneError(f"--label-names {args.label_names!r}: a name is empty")
-    if args.early_stopping_patience and not args.load_best_model_at_end:
-        raise FinetuneError("--early-stopping-patience needs --load-best-model-at-end: early "
-                            "stopping keeps the best model, not the last")
-    if args.fp16 and args.bf16 == "yes":
-        raise FinetuneError("--fp16 and --bf16 yes: choose one precision")
+    for given, needed, why in NEEDS:
+        if given(args) and not needed(args):
+            raise FinetuneError(why)
 
 
 def check_device_args(args):
@@ -764,6 +880,14 @@ def check_device_args(args):
     elif "RANK" in os.environ and args.stages > 1 and (args.fp16 or args.bf16 == "yes"):
         raise FinetuneError(f"{'--fp16' if args.fp16 else '--bf16 yes'}: torchrun's pipeline "
                             "stages are traced in float32; use --stages 1 (data parallel)")
+    if "," in args.text_column and "RANK" in os.environ and args.stages > 1:
+        raise FinetuneError("torchrun pipelines take single texts, not sentence pairs yet: use "
+                            "--stages 1 (data parallel)")
+    if args.eval_batch_size and (args.device == "ipu" or ("RANK" in os.environ
+                                                          and args.stages > 1)):
+        raise FinetuneError("--eval-batch-size: on IPUs and in torchrun pipelines an eval "
+                            "batch is --batch-size x --device-iterations (static shapes); leave "
+                            "it out")
     if args.fp16 and args.device == "cpu" and not fp16_autocast_works("cpu"):
         raise FinetuneError(f"--fp16: this torch ({torch.__version__}) has no float16 autocast "
                             "on a CPU; train in float32 (leave --fp16 out)")
@@ -796,8 +920,8 @@ def check_ipu_args(args):
         raise FinetuneError("--fp16 is for CUDA and CPU: on IPUs half precision is the model's "
                             "own dtype, with a static loss scale (not in this script)")
     for name in ("eval_steps", "max_steps"):  # the host acts between calls, not within one
-        value = getattr(args, name)
-        if value and value % args.device_iterations:
+        value = getattr(args, name)  # (a ratio is rounded up to a multiple: StepPlan.steps)
+        if value and value >= 1 and value % args.device_iterations:
             raise FinetuneError(f"--{name.replace('_', '-')} {value}: on IPUs a multiple of "
                                 f"--device-iterations ({args.device_iterations}), as each host "
                                 "call runs that many steps")
@@ -872,6 +996,15 @@ def setup_distributed(args, device):
         group = dist.new_group(list(range(stage, world, args.stages)))
         ranks.dp_group = group if stage == ranks.stage else ranks.dp_group
     return ranks
+
+
+def ipu_summary(args, host_batch, data):
+    """The summary's rows for IPUs: their count, and what one host call holds."""
+    return dict(device=(f"IPU, {args.stages} pipeline stages x {args.replicas} replica(s) = "
+                        f"{args.stages * args.replicas} IPUs"),
+                extra={"device iterations": f"{args.device_iterations} optimizer steps per call",
+                       "host batch": counted(host_batch, data.unit),
+                       "executable cache": args.executable_cache})
 
 
 def describe_device(device, ranks):
@@ -1063,21 +1196,43 @@ def describe_run(out_dir):
     settings = settings_or_none(out_dir)
     epochs = settings.get("epochs", "?")
     if is_finished(out_dir, settings, lines):
-        return (f"a finished run: {epochs} epoch{'s' if epochs > 1 else ''}, accuracy "
-                f"{metrics[-1]['accuracy']:.3f}")
+        accuracy = [m["accuracy"] for m in lines if "accuracy" in m][-1:]
+        trained = (f"{steps_trained(out_dir):,} optimizer steps" if settings.get("max_steps")
+                   else f"{epochs:g} epoch{'s' if epochs != 1 else ''}")
+        return f"a finished run: {trained}" + "".join(f", accuracy {a:.3f}" for a in accuracy)
     newest = f"newest checkpoint {checkpoints[-1].name}" if checkpoints else "no checkpoint"
     return f"an unfinished run: {len(metrics)} of {epochs} epochs done, {newest}"
 
 
 def is_finished(out_dir, settings, lines):
-    """Its model saved, and (its settings as last asked; `lines`: its metric_lines) every
-    epoch done, or all of --max-steps, or stopped early."""
-    epochs, max_steps = epoch_lines(lines), settings.get("max_steps")
-    done = (any(m.get("stopped_early") for m in lines)
-            or (max_steps and epochs and epochs[-1].get("step", 0) >= max_steps)
-            or (not max_steps and isinstance(settings.get("epochs"), int)
-                and len(epochs) >= settings["epochs"]))
-    return bool(done) and (out_dir / "model").is_dir()
+    """Its model saved, and (its settings as last asked; `lines`: its metric_lines, where the
+    last epoch's line is) stopped early, or its newest checkpoint at the last step its
+    --max-steps or --epochs ask for."""
+    if not (out_dir / "model").is_dir():
+        return False
+    if any(m.get("stopped_early") for m in lines):
+        return True
+    if not any("train_loss" in m for m in lines):
+        return False
+    state = newest_state(out_dir)
+    per_epoch, epochs = state.get("steps_per_epoch"), settings.get("epochs")
+    total = settings.get("max_steps") or (
+        math.ceil(epochs * per_epoch) if per_epoch and isinstance(epochs, (int, float)) else None)
+    if total is None:  # a run from before steps_per_epoch was kept: count its epochs
+        return isinstance(epochs, int) and len(epoch_lines(lines)) >= epochs
+    return state.get("global_step", 0) >= total
+
+
+def newest_state(out_dir):
+    """The run's state in its newest checkpoint ({} where there is none, or it is damaged)."""
+    try:
+        return json.loads((list_checkpoints(out_dir)[-1] / "state.json").read_text())
+    except (IndexError, OSError, ValueError):
+        return {}
+
+
+def steps_trained(out_dir):
+    return newest_state(out_dir).get("global_step", 0)
 
 
 def set_aside(out_dir):
@@ -1213,18 +1368,30 @@ def select_splits(raw, text_column, label_column):
         raise FinetuneError("the dataset has no 'test' or 'validation' split "
                             f"(splits: {', '.join(raw)})")
     splits = {"train": raw["train"], "eval": raw[eval_split]}
+    text_columns = text_column.split(",")  # a sentence pair: first,second
+    if len(text_columns) > 2:
+        raise FinetuneError(f"--text-column {text_column}: one column, or two for sentence pairs "
+                            "(first,second)")
     for split, ds in splits.items():
-        missing = [c for c in (text_column, label_column) if c not in ds.column_names]
+        missing = [c for c in (*text_columns, label_column) if c not in ds.column_names]
         if missing:
             raise FinetuneError(f"column {missing[0]!r} not in the {split} split; its columns are: "
                                 f"{', '.join(ds.column_names)} (use --text-column/--label-column)")
         if len(ds) == 0:
             raise FinetuneError(f"the {split} split is empty")
-        check_text_column(ds, text_column, split)
-        if ds.data.column(text_column).null_count or ds.data.column(label_column).null_count:
-            raise FinetuneError(f"the {split} split has empty (null) values in "
-                                f"{text_column!r} or {label_column!r}")
+        for column in text_columns:
+            check_text_column(ds, column, split)
+            if ds.data.column(column).null_count or ds.data.column(label_column).null_count:
+                raise FinetuneError(f"the {split} split has empty (null) values in "
+                                    f"{column!r} or {label_column!r}")
     return splits
+
+
+def takes_token_types(model, pairs):
+    """Whether token type ids (0: first text, 1: second) go to the model: for sentence
+    pairs, where it has a table of two types or more (BERT, ELECTRA, ALBERT; RoBERTa's has
+    one, DistilBERT and the decoders none)."""
+    return pairs and getattr(model.config, "type_vocab_size", 0) >= 2
 
 
 def check_text_column(ds, text_column, split):
@@ -1322,12 +1489,15 @@ def check_model_dir(path):
 
 def check_tokenizer_fits(name, model, tokenizer):
     """A tokenizer made for another model gives ids beyond the embedding table (an error
-    deep in the forward) or maps most words to [UNK] (a run that learns nothing)."""
+    deep in the forward) or maps most words to [UNK] (a run that learns nothing). A model
+    without a padding id (decoders) takes the tokenizer's."""
     tokens, table = len(tokenizer), model.get_input_embeddings().num_embeddings
     if tokens > table or tokens < table // 2:
         raise FinetuneError(f"{name}: its tokenizer has {tokens:,} tokens and the model's "
                             f"embedding table {table:,} rows: the tokenizer is not the model's "
                             "(save both with save_pretrained into one directory)")
+    if model.config.pad_token_id is None:  # a decoder's head (GPT-2, Llama) finds texts' ends by it
+        model.config.pad_token_id = tokenizer.pad_token_id
 
 
 @contextlib.contextmanager
@@ -1417,6 +1587,39 @@ def subset(ds, n, seed):
     return ds.shuffle(seed=seed).select(range(n))
 
 
+def check_placeable(model, on_ipu):
+    """Families whose stages are found but whose placement fails later: refused first.
+    Found on the PopTorch stand-in (the ops it compiles are PopTorch's) and under torchrun."""
+    kind, model_type = type(model).__name__, model.config.model_type
+    if on_ipu and model_type in ("roberta", "xlm-roberta", "deberta-v2"):
+        ops = "nonzero (relative positions)" if model_type == "deberta-v2" else \
+            "an integer cumsum (its position ids)"
+        raise FinetuneError(f"{kind} on IPUs: its graph holds {ops}, which PopTorch does not "
+                            "compile; fine-tune it on CUDA or CPU")
+    if not on_ipu and hasattr(model, "score"):  # the decoders' head: GPT-2, Llama, Qwen ...
+        raise FinetuneError(f"{kind} in torchrun pipelines: its head finds each text's last "
+                            "token from the input ids, which only the first stage holds; use "
+                            "--stages 1 (data parallel)")
+
+
+def transformer_blocks(model):
+    """(name, list) of a classifier's transformer blocks, the first list in its base model:
+    encoder.layer (BERT, ELECTRA, RoBERTa, DeBERTa), transformer.layer (DistilBERT), layers
+    (ModernBERT, Llama, Qwen, Mistral, Gemma), h (GPT-2)."""
+    name, blocks = next(((n, m) for n, m in model.base_model.named_modules()
+                         if isinstance(m, torch.nn.ModuleList) and len(m)), (None, None))
+    kind = type(model).__name__
+    if blocks is None:
+        raise FinetuneError(f"cannot find the transformer blocks of {kind} (a list of layers in "
+                            "its base model) to place on stages: use --stages 1")
+    depth = getattr(model.config, "num_hidden_layers", len(blocks))
+    if depth != len(blocks):  # ALBERT: one layer's weights at every depth
+        raise FinetuneError(f"{kind} runs {counted(len(blocks), 'block')} at {depth} depths "
+                            "(shared weights), which cannot be spread over pipeline stages: use "
+                            "--stages 1 (on IPUs, --ipus 1)")
+    return name, blocks
+
+
 # ----------------------------------------------------------------------------
 # 10. The data the loops read: tokenized reviews, or rows of them.
 # ----------------------------------------------------------------------------
@@ -1455,6 +1658,8 @@ class Reviews(torch.utils.data.Dataset):
         def flat(column):
             return pyarrow.compute.list_flatten(table.column(column)).to_numpy().astype(np.int64)
         self.input_ids, self.attention_mask = flat("input_ids"), flat("attention_mask")
+        self.token_type_ids = flat("token_type_ids") if "token_type_ids" in ds.column_names \
+            else None  # sentence pairs
         self.lengths = table.column("length").to_numpy()
         row_lengths = pyarrow.compute.list_value_length(table.column("input_ids")).to_numpy()
         self.starts = np.concatenate([[0], np.cumsum(row_lengths)])
@@ -1465,8 +1670,10 @@ class Reviews(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         tokens = slice(self.starts[i], self.starts[i + 1])
+        pair = {} if self.token_type_ids is None else {
+            "token_type_ids": torch.from_numpy(self.token_type_ids[tokens])}
         return {"input_ids": torch.from_numpy(self.input_ids[tokens]),
-                "attention_mask": torch.from_numpy(self.attention_mask[tokens]),
+                "attention_mask": torch.from_numpy(self.attention_mask[tokens]), **pair,
                 "labels": torch.tensor(self.labels[i])}
 
 
@@ -1570,6 +1777,9 @@ def packing_for(args, model, padding):
     """--padding packed: how this run packs reviews into rows (None otherwise)."""
     if padding != "packed":
         return None
+    if "," in args.text_column:
+        raise FinetuneError("--padding packed takes single texts, not sentence pairs yet: use "
+                            "--padding max_length")
     if type(model).__name__ not in PACKABLE_MODELS:
         raise FinetuneError(f"--padding packed knows the heads of {' and '.join(PACKABLE_MODELS)}, "
                             f"not {type(model).__name__}: use --padding max_length")
@@ -1816,7 +2026,9 @@ class Schedule:
 
     def __init__(self, args, total_steps):
         self.lr, self.kind, self.total = args.lr, args.lr_scheduler_type, total_steps
-        self.warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
+        steps = args.warmup_steps  # below 1, as in transformers 5, a ratio of all steps
+        self.warmup = int(steps) if steps >= 1 else math.ceil((steps or args.warmup_ratio)
+                                                              * total_steps)
         self.current = args.lr  # what the optimizer was built with
 
     def lr_at(self, step):
@@ -1969,9 +2181,10 @@ class Run:
         self.last = self.epoch_start = time.perf_counter()
         self.warmup_seconds = 0.0  # capturing CUDA graphs, before the first epoch
 
-    def start(self, model, steps_per_epoch, **summary):
+    def start(self, model, steps_per_epoch, multiple=1, **summary):
         """The step plan, the lr schedule, the summary, the bar; then a stop request waits."""
-        self.plan = StepPlan(self.args, steps_per_epoch)
+        self.plan = StepPlan(self.args, steps_per_epoch, multiple)
+        self.state["steps_per_epoch"] = steps_per_epoch  # is_finished reads it
         self.schedule = Schedule(self.args, self.plan.total)
         self.progress.start(model, self.plan, self.schedule, **summary)
         self.stop = self.checkpoints.stop = StopRequest()
@@ -1984,69 +2197,66 @@ class Run:
     def reading_due(self, pending):
         """Whether the host must read the pending losses now: for a reading, a checkpoint,
         an evaluation, or (one process) a stop request."""
-        step, args = self.state["global_step"] + pending, self.args
-        return (step % args.log_every == 0 or bool(args.save_every and step % args.save_every == 0)
-                or self.plan.evaluates_after(step)
+        step, plan = self.state["global_step"] + pending, self.plan
+        return (step % plan.log_every == 0 or plan.saves(step) or plan.evaluates(step)
                 or (not self.ranks.enabled and self.stop.signal is not None))
 
     def steps_done(self, losses, samples, updates_applied=False):
-        """Count optimizer steps, each with its loss; `updates_applied`: an IPU had applied
-        them already, so a non-finite loss cannot be skipped."""
+        """Count optimizer steps, each with its loss, evaluating and checkpointing between
+        them where the plan says; `updates_applied`: an IPU had applied them already, so a
+        non-finite loss cannot be skipped. An epoch's end is end_epoch's."""
         state, now = self.state, time.perf_counter()  # the steps and loading their batches
         state["train_seconds"] += now - self.last
         state["train_samples"] += samples
         self.last = now
         for loss in losses:
             if not math.isfinite(loss):
-                loss = self.non_finite_loss(loss, updates_applied)
+                loss = non_finite_loss(self, loss, updates_applied)
             state["step"] += 1
             state["global_step"] += 1
             self.progress.step_done(loss)
-            if self.plan.evaluates_after(state["global_step"]):  # before a checkpoint here:
-                self.evaluations.mid_epoch(self.evaluate)        # it holds the result
+            step = state["global_step"]
+            if self.plan.ends_epoch(step):
+                continue
+            if self.plan.evaluates(step):  # before a checkpoint here: it holds the result
+                self.evaluations.mid_epoch(self.evaluate)
+                self.progress.write_results()  # on disk at once: a kill does not lose it
                 self.last = time.perf_counter()  # evaluating is not training time
-            if self.checkpoints.due():
+            if self.checkpoints.mid_epoch and self.plan.saves(step):
                 self.checkpoints.save()
                 self.last = time.perf_counter()
-        self.progress.advance(len(losses))  # the bar counts optimizer steps
         if self.stop.requested(self.ranks):
             raise Interrupted(self.stop.signal)
 
-    def non_finite_loss(self, value, updates_applied):
-        """Stop (saving the last good weights where the host has them) or skip the step."""
-        where = f"epoch {self.state['epoch'] + 1}, step {self.state['step'] + 1}"
-        if self.args.on_nan == "skip" and not updates_applied:
-            if self.ranks.is_main:
-                tqdm.write(f"warning: loss {value} at {where}: step skipped")
-            self.state["skipped_steps"] += 1
-            return None
-        if updates_applied:  # an IPU applied the step already: the weights are not good
-            raise FinetuneError(f"the loss became {value} at {where} (the IPU had already applied "
-                                f"that step); last checkpoint: {self.checkpoints.newest()}. "
-                                "Lower --lr")
-        saved = (f"; kept the last good weights in {self.checkpoints.save()}"
-                 if self.checkpoints.mid_epoch else "")
-        raise FinetuneError(f"the loss became {value} at {where}{saved}. "
-                            "Lower --lr, or pass --on-nan skip")
-
-    def end_epoch(self, figures, eval_seconds):
-        """The epoch's metrics, its line (the tutorial's "Accuracy:" first), results, checkpoint."""
+    def end_epoch(self, evaluate):
+        """The end of an epoch, or of the run where --max-steps ends one early: the
+        evaluation --eval-strategy asks for (the flow's `evaluate`), the line (the tutorial's
+        "Accuracy:" first), the results and a checkpoint. A run that --max-steps ended stays
+        mid-epoch, its losses not yet read out: a --resume with a larger --max-steps trains
+        on as if never stopped."""
         state = self.state
-        state["loss_curve"] += self.progress.interval_reading()  # the epoch's last steps, however few
-        self.evaluations.record(figures, eval_seconds)
-        state["metrics"].append(epoch_metrics(state, self.data, self.args, figures, eval_seconds,
-                                              time.perf_counter() - self.epoch_start,
-                                              self.warmup_seconds, self.schedule))
+        figures, eval_seconds = evaluate() if self.plan.evaluates(state["global_step"]) else ({}, 0)
+        if figures:
+            self.evaluations.record(figures, eval_seconds)
+        complete = state["step"] == self.plan.per_epoch
+        if complete:
+            state["loss_curve"] += self.progress.interval_reading()  # its last steps, however few
+        line = epoch_metrics(state, self.data, self.args, figures, eval_seconds,
+                             time.perf_counter() - self.epoch_start, self.warmup_seconds,
+                             self.schedule)
+        if not complete:
+            line["partial"] = True  # the epoch's first steps: the rest replaces this line
         self.warmup_seconds = 0.0  # counted in this epoch's time only
-        self.progress.epoch_line(state["metrics"][-1], self.plan.epochs)
-        state.update(epoch=state["epoch"] + 1, step=0, batches=None, loss_sum=0.0, loss_steps=0,
-                     train_samples=0, train_seconds=0.0, skipped_steps=0)
-        if self.ranks.is_main:
-            write_results(self.out_dir, state["metrics"], state["loss_curve"],
-                          state["evaluations"])
+        self.progress.epoch_line(line, state["step"])
+        state["metrics"] = [m for m in state["metrics"] if m["epoch"] != line["epoch"]] + [line]
+        if complete:
+            state.update(epoch=state["epoch"] + 1, step=0, batches=None, loss_sum=0.0,
+                         loss_steps=0, train_samples=0, train_seconds=0.0, skipped_steps=0)
+        self.progress.write_results()
         if self.checkpoints.held:
             self.checkpoints.save()
-        self.evaluations.stop_if_no_better()
+        if figures:
+            self.evaluations.stop_if_no_better()
 
     def close(self, stopping=False):
         self.progress.close()
@@ -2055,16 +2265,31 @@ class Run:
             self.stop = self.checkpoints.stop = None
 
 
+def non_finite_loss(run, value, updates_applied):
+    """Stop (saving the last good weights where the host has them) or skip the step."""
+    where = f"epoch {run.state['epoch'] + 1}, step {run.state['step'] + 1}"
+    if run.args.on_nan == "skip" and not updates_applied:
+        if run.ranks.is_main:
+            tqdm.write(f"warning: loss {value} at {where}: step skipped")
+        run.state["skipped_steps"] += 1
+        return None
+    if updates_applied:  # an IPU applied the step already: the weights are not good
+        raise FinetuneError(f"the loss became {value} at {where} (the IPU had already applied "
+                            f"that step); last checkpoint: {run.checkpoints.newest()}. "
+                            "Lower --lr")
+    saved = (f"; kept the last good weights in {run.checkpoints.save()}"
+             if run.checkpoints.mid_epoch else "")
+    raise FinetuneError(f"the loss became {value} at {where}{saved}. "
+                        "Lower --lr, or pass --on-nan skip")
+
+
 def stopped_early(run):
     """--early-stopping-patience ended the run: say so, and write the results so far
     (their last evaluation is marked: the run is finished)."""
-    run.state["loss_curve"] += run.progress.interval_reading()
-    if run.ranks.is_main:
-        run.say(f"early stopping at step {run.state['global_step']:,}: "
-                f"{counted(run.args.early_stopping_patience, 'evaluation')} in a row without a "
-                f"better {run.args.metric_for_best_model}")
-        write_results(run.out_dir, run.state["metrics"], run.state["loss_curve"],
-                      run.state["evaluations"])
+    run.say(f"early stopping at step {run.state['global_step']:,}: "
+            f"{counted(run.args.early_stopping_patience, 'evaluation')} in a row without a "
+            f"better {run.args.metric_for_best_model}")
+    run.progress.write_results()
 
 
 def epoch_metrics(state, data, args, figures, eval_seconds, seconds, warmup_seconds, schedule):
@@ -2073,10 +2298,10 @@ def epoch_metrics(state, data, args, figures, eval_seconds, seconds, warmup_seco
         "epoch": state["epoch"] + 1,
         "step": state["global_step"],
         "train_loss": state["loss_sum"] / max(state["loss_steps"], 1),
-        **figures,  # accuracy, f1, eval_loss
+        **figures,  # accuracy, f1, eval_loss (none where --eval-strategy did not evaluate)
         "lr": schedule.lr_at(state["global_step"] - 1),
         "train_samples_per_s": state["train_samples"] / state["train_seconds"],
-        "eval_samples_per_s": len(data.eval) / eval_seconds,
+        **({"eval_samples_per_s": len(data.eval) / eval_seconds} if figures else {}),
         "samples_per_step": state["train_samples"] / max(state["step"], 1),
         **({"packing_efficiency": data.efficiency()} if data.packing else {}),
         "seconds": seconds,
@@ -2089,29 +2314,44 @@ def epoch_metrics(state, data, args, figures, eval_seconds, seconds, warmup_seco
 
 class StepPlan:
     """How many optimizer steps a run takes (--epochs, or --max-steps), in how many epochs,
-    and after which ones it evaluates mid-epoch (--eval-steps; epoch ends evaluate anyway)."""
+    and the one cadence of the run, in steps: when it reads the losses (--log-every),
+    checkpoints (--save-every) and evaluates (--eval-strategy, --eval-steps).
+    multiple: the steps of one IPU host call, which ratios are rounded up to."""
 
-    def __init__(self, args, steps_per_epoch):
-        self.per_epoch, self.eval_steps = steps_per_epoch, args.eval_steps
-        self.total = args.max_steps or args.epochs * steps_per_epoch
+    def __init__(self, args, steps_per_epoch, multiple=1):
+        self.per_epoch, self.multiple = steps_per_epoch, multiple
+        self.total = args.max_steps or round_up(math.ceil(args.epochs * steps_per_epoch),
+                                                multiple)
         self.epochs = -(-self.total // steps_per_epoch)
+        self.log_every, self.save_every, self.eval_steps = (
+            self.steps(value) for value in (args.log_every, args.save_every, args.eval_steps))
+        self.eval_at_epoch_ends = args.eval_strategy == "epoch"
+
+    def steps(self, value):
+        """A step count, or (below 1) as in the Trainer a ratio of all steps, rounded up."""
+        return value if not value or value >= 1 else round_up(math.ceil(value * self.total),
+                                                              self.multiple)
 
     def in_epoch(self, epoch):
         return min(self.per_epoch, self.total - epoch * self.per_epoch)
 
-    def evaluates_after(self, step):
-        """Whether the run evaluates mid-epoch once `step` steps are done."""
-        return (bool(self.eval_steps) and step % self.eval_steps == 0
-                and step % self.per_epoch != 0 and step != self.total)
+    def ends_epoch(self, step):
+        """Whether `step` ends an epoch, or the run (a --max-steps may end one early)."""
+        return step % self.per_epoch == 0 or step == self.total
+
+    def evaluates(self, step):
+        """Whether the run evaluates once `step` steps are done: at epoch ends with
+        --eval-strategy epoch (the tutorial's), and every --eval-steps steps."""
+        return ((self.eval_at_epoch_ends and self.ends_epoch(step))
+                or bool(self.eval_steps) and step % self.eval_steps == 0)
+
+    def saves(self, step):
+        """Whether a mid-epoch checkpoint is due (an epoch's end takes one anyway)."""
+        return bool(self.save_every) and step % self.save_every == 0 and not self.ends_epoch(step)
 
     def evaluations_up_to(self, step):
-        """How many mid-epoch evaluations the first `step` steps hold (the bar counts them)."""
-        if not self.eval_steps:
-            return 0
-        both = self.eval_steps * self.per_epoch // math.gcd(self.eval_steps, self.per_epoch)
-        last = step >= self.total and self.total % self.eval_steps == 0 \
-            and self.total % self.per_epoch != 0  # the last step's evaluation ends an epoch
-        return step // self.eval_steps - step // both - last
+        """How many evaluations the first `step` steps hold (the bar counts their batches)."""
+        return sum(map(self.evaluates, range(1, step + 1)))
 
 
 def review_predictions(predicted, reviews, n):
@@ -2142,9 +2382,9 @@ def evaluation_of(predicted, losses, reviews, labels):
 
 class Evaluations:
     """Every evaluation's figures; the best one (--metric-for-best-model), whose weights
-    --load-best-model-at-end keeps in <output-dir>/best; and early stopping after
-    --early-stopping-patience evaluations without a better one, as the Trainer's
-    EarlyStoppingCallback."""
+    --load-best-model-at-end keeps in <output-dir>/best (<output-dir>/model at the end); and
+    early stopping after --early-stopping-patience evaluations without a better one, as the
+    Trainer's EarlyStoppingCallback."""
 
     def __init__(self, args, state, checkpoints, progress):
         self.args, self.state, self.checkpoints, self.progress = args, state, checkpoints, progress
@@ -2203,36 +2443,27 @@ class Progress:
         self.say(f"pipeline stage plan ({self.args.stages} stages, {how})")
         self.say(stage_table(model, plan))
 
-    def start(self, model, plan, schedule, eval_batches, step_rows, accumulation, device, extra):
+    def start(self, model, plan, schedule, eval_batches, **summary):
         """Print what is about to run, then open the bar (a resumed run's where it stopped)."""
-        args, data, self.plan, self.schedule = self.args, self.data, plan, schedule
-        step_samples, layout = batch_layout(args, data, self.padding, plan.per_epoch, step_rows)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        rows = {"device": device,
-                "train examples": f"{len(data.train):,}",
-                "eval examples": f"{len(data.eval):,}",
-                "epochs": plan.epochs if not args.max_steps else
-                f"{plan.epochs} (--max-steps {plan.total:,})",
-                "micro-batch": counted(args.batch_size, data.unit),
-                "gradient accumulation": f"{counted(accumulation, 'micro-batch')} per "
-                                         "optimizer step",
-                **extra,
-                "samples per optimizer step": step_samples,
-                **describe_training(args, plan, schedule),
-                "progress bar": f"per epoch {counted(plan.per_epoch, 'optimizer step')}, "
-                                f"then {counted(eval_batches, 'eval batch')}",
-                **layout,
-                "trainable parameters": f"{trainable:,}",
-                "output directory": self.out_dir}
+        args, self.plan, self.schedule = self.args, plan, schedule
+        rows = summary_rows(args, self.data, self.padding, model, plan, schedule, eval_batches,
+                            out_dir=self.out_dir, **summary)
         width = max(map(len, rows))
         self.say("\n".join(["Fine-tuning:"] + [f"  {k:<{width}}  {v}" for k, v in rows.items()]))
 
-        def position(steps, epochs):  # optimizer steps, then each evaluation's batches
-            return steps + eval_batches * (epochs + plan.evaluations_up_to(steps))
-        self.bar = tqdm(total=position(plan.total, plan.epochs),
-                        initial=position(self.state["global_step"], self.state["epoch"]),
+        def position(steps):  # optimizer steps, and each evaluation's batches
+            return steps + eval_batches * plan.evaluations_up_to(steps)
+        done = self.state["global_step"]
+        self.bar = tqdm(total=position(plan.total), initial=position(done),
                         desc=f"{args.device} training", unit="it", disable=not self.ranks.is_main)
-        self.board = tensorboard_writer(args, self.out_dir) if self.ranks.is_main else None
+        # A resumed run's scalars go on from its checkpoint: TensorBoard hides the ones a
+        # killed run wrote after it (purge_step), so no step is there twice.
+        self.board = tensorboard_writer(args, self.out_dir, done + 1 if done else None) \
+            if self.ranks.is_main else None
+
+    def write_results(self):  # with the steps since the last reading, left in the sums
+        if self.ranks.is_main:
+            write_results(self.out_dir, self.state, self.pending_reading())
 
     def step_done(self, loss):
         """A step's loss (None: skipped) into the sums; a reading every --log-every steps."""
@@ -2242,40 +2473,49 @@ class Progress:
             state["loss_steps"] += 1
             state["interval_sum"] += loss
             state["interval_steps"] += 1
-        if state["global_step"] % self.args.log_every == 0:
+        if state["global_step"] % self.plan.log_every == 0:
             state["loss_curve"] += self.interval_reading()
 
     def advance(self, iterations):  # optimizer steps in training, batches in evaluation
         self.bar.update(iterations)
 
-    def interval_reading(self):
-        """The mean loss since the last reading, shown in the bar, as loss-curve points:
+    def pending_reading(self):
+        """The mean loss of the steps since the last reading, as loss-curve points:
         [[step, loss, lr]], or none if no step was counted since."""
-        state = self.state
-        if not state["interval_steps"]:
-            return []
-        mean = state["interval_sum"] / state["interval_steps"]
-        state["interval_sum"], state["interval_steps"] = 0.0, 0
-        rate = state["train_samples"] / max(state["train_seconds"], 1e-9)
-        self.bar.set_postfix(loss=f"{mean:.4f}", samples_per_s=f"{rate:.1f}",
-                             refresh=False)  # shown with the bar's next update, not drawn twice
-        step, lr = state["global_step"], self.schedule.lr_at(state["global_step"] - 1)
-        self.scalars(step, **{"train/loss": mean, "train/learning_rate": lr})
-        return [[step, mean, lr]]
+        state, step = self.state, self.state["global_step"]
+        return [[step, state["interval_sum"] / state["interval_steps"],
+                 self.schedule.lr_at(step - 1)]] if state["interval_steps"] else []
+
+    def interval_reading(self):
+        """pending_reading, taken: shown in the bar and TensorBoard, the sums start anew."""
+        state, points = self.state, self.pending_reading()
+        for step, mean, lr in points:
+            state["interval_sum"], state["interval_steps"] = 0.0, 0
+            rate = state["train_samples"] / max(state["train_seconds"], 1e-9)
+            self.bar.set_postfix(loss=f"{mean:.4f}", samples_per_s=f"{rate:.1f}",
+                                 refresh=False)  # shown with the bar's next update, not twice
+            self.scalars(step, **{"train/loss": mean, "train/learning_rate": lr})
+        return points
 
     def evaluation_line(self, entry):
         if self.ranks.is_main:
             tqdm.write(f"step {entry['step']:,}: accuracy {entry['accuracy']:.3f}, "
                        f"f1 {entry['f1']:.3f}, eval loss {entry['eval_loss']:.4f}")
 
-    def epoch_line(self, epoch, epochs):
+    def epoch_line(self, epoch, steps):
+        """The tutorial's "Accuracy: 0.xxx" (where the epoch's end evaluated), then the
+        epoch's train loss and speed; an epoch the run ends early says after how many steps."""
         self.scalars(epoch["step"], **{"train/samples_per_s": epoch["train_samples_per_s"]})
+        plan = self.plan
         if self.ranks.is_main:
-            if epoch["epoch"] == epochs:
+            if epoch["step"] == plan.total:
                 self.bar.close()  # drawn for the last time at 100%, before the last line
-            tqdm.write(f"Accuracy: {epoch['accuracy']:.3f}  (epoch {epoch['epoch']} of "
-                       f"{epochs}: train loss {epoch['train_loss']:.4f}, "
-                       f"{epoch['train_samples_per_s']:,.1f} train samples/s)")
+            accuracy = f"Accuracy: {epoch['accuracy']:.3f}  " if "accuracy" in epoch else ""
+            early = (f"; the run ends after {steps:,} of its {plan.per_epoch:,} steps"
+                     if steps < plan.per_epoch else "")
+            tqdm.write(f"{accuracy}(epoch {epoch['epoch']} of {plan.epochs}: train loss "
+                       f"{epoch['train_loss']:.4f}, {epoch['train_samples_per_s']:,.1f} train "
+                       f"samples/s{early})")
 
     def scalars(self, step, **values):  # --report-to tensorboard
         if self.board is not None:
@@ -2289,6 +2529,29 @@ class Progress:
         if self.board is not None:
             self.board.close()
             self.board = None
+
+
+def summary_rows(args, data, padding, model, plan, schedule, eval_batches, step_rows,
+                 accumulation, device, extra, out_dir):
+    """The summary's rows: the data, the batches, the optimizer steps, the bar, the model."""
+    step_samples, layout = batch_layout(args, data, padding, plan.per_epoch, step_rows)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"device": device,
+            "train examples": f"{len(data.train):,}",
+            "eval examples": f"{len(data.eval):,}",
+            "epochs": f"{plan.epochs} (--max-steps {plan.total:,})" if args.max_steps else
+            f"{args.epochs:g}" if plan.total == plan.epochs * plan.per_epoch else
+            f"{args.epochs:g} (the last ends at step {plan.total:,})",
+            "micro-batch": counted(args.batch_size, data.unit),
+            "gradient accumulation": f"{counted(accumulation, 'micro-batch')} per optimizer step",
+            **extra,
+            "samples per optimizer step": step_samples,
+            **describe_training(args, plan, schedule),
+            "progress bar": f"one for the run: {counted(plan.total, 'optimizer step')} "
+                            f"and {counted(eval_batches, 'eval batch')} per evaluation",
+            **layout,
+            "trainable parameters": f"{trainable:,}",
+            "output directory": out_dir}
 
 
 def batch_layout(args, data, padding, steps_per_epoch, step_rows):
@@ -2313,13 +2576,15 @@ def batch_layout(args, data, padding, steps_per_epoch, step_rows):
 def describe_training(args, plan, schedule):
     """The summary's rows on the optimizer steps: how many, their lr, decay, clipping, and
     the evaluations between them."""
-    evaluation = "each epoch end" + (f" and every {args.eval_steps:,} steps"
-                                     if args.eval_steps else "")
+    every = f"every {counted(plan.eval_steps, 'step')}" if plan.eval_steps else ""
+    evaluation = {"no": "none (--eval-strategy no)", "steps": every,
+                  "epoch": "each epoch end" + (f" and {every}" if every else "")
+                  }[args.eval_strategy]
     if args.load_best_model_at_end:
         evaluation += f"; the model of the best {args.metric_for_best_model} kept"
     if args.early_stopping_patience:
-        evaluation += (f", early stopping after {counted(args.early_stopping_patience, 'evaluation')}"
-                       " without a better one")
+        patience = counted(args.early_stopping_patience, "evaluation")
+        evaluation += f", early stopping after {patience} without a better one"
     return {"optimizer steps per epoch": plan.per_epoch,
             "optimizer steps in total": plan.total,
             "lr schedule": schedule.describe(),
@@ -2329,12 +2594,12 @@ def describe_training(args, plan, schedule):
             "evaluation": evaluation}
 
 
-def tensorboard_writer(args, out_dir):
+def tensorboard_writer(args, out_dir, purge_step=None):
     """--report-to tensorboard: a writer of scalars into <output-dir>/tensorboard."""
     if args.report_to != "tensorboard":
         return None
     from torch.utils.tensorboard import SummaryWriter
-    return SummaryWriter(str(out_dir / "tensorboard"))
+    return SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge_step)
 
 
 def counted(n, noun):
@@ -2432,10 +2697,7 @@ def exit_on_stop(run, why):
     signum, save = why.args[0], isinstance(why, Interrupted)
     path = (run.checkpoints.save(then_stop=False) if save and run.checkpoints.mid_epoch
             else run.checkpoints.newest())
-    if run.ranks.is_main and run.state["interval_steps"]:  # the last steps' loss too
-        write_results(run.out_dir, run.state["metrics"],  # (a resume re-reads them)
-                      run.state["loss_curve"] + run.progress.interval_reading(),
-                      run.state["evaluations"])
+    run.progress.write_results()  # all it measured, up to the stop
     run.close(stopping=True)
     how = "" if save else " (a second one: at once, without saving)"
     run.say(f"\nstopped by {signal.Signals(signum).name}{how} at epoch {run.state['epoch'] + 1}, "
@@ -2495,10 +2757,6 @@ class Checkpoints:
             set_lr(self.held.optimizer, self.args.lr)  # a resume may change --lr
             groups[0]["weight_decay"] = self.args.weight_decay  # and --weight-decay (decay_groups)
             self.say(f"resumed from {path} (epoch {state['epoch'] + 1}, step {state['step']})")
-
-    def due(self):
-        every = self.args.save_every
-        return self.mid_epoch and bool(every) and self.state["global_step"] % every == 0
 
     def save(self, then_stop=True):
         """A checkpoint, which a second Ctrl-C does not cut short (then_stop: it stops the
@@ -2870,16 +3128,33 @@ def resume_command(out_dir, processes=1, per_node=None):
     """The command that continues a run as it ran: alone, or torchrun with its processes."""
     script = sys.argv[0] if sys.argv[0].endswith(".py") else "finetune_electra.py"
     per_node = per_node or processes
+    # `python` where that is this environment's, else this interpreter: another environment
+    # has not its packages.
+    on_path = shutil.which("python")
+    python = "python" if on_path and Path(on_path).parent == Path(sys.executable).parent \
+        else sys.executable
     if processes == 1:
-        return f"python {script} --resume {out_dir}"
+        return f"{python} {script} --resume {out_dir}"
     nodes = processes // per_node
     on_nodes = (f" --nnodes {nodes} (on each of the {nodes} nodes, with the run's rendezvous "
                 "options)") if nodes > 1 else ""
-    return f"torchrun --nproc-per-node {per_node}{on_nodes} {script} --resume {out_dir}"
+    torchrun = "torchrun" if python == "python" else f"{python} -m torch.distributed.run"
+    return f"{torchrun} --nproc-per-node {per_node}{on_nodes} {script} --resume {out_dir}"
 
 
-def resolve_resume_dir(value):
+def resolve_resume_dir(value, output_dir=None):
+    """The run directory --resume names: a directory, 'auto', or as the Trainer's
+    --resume-from-checkpoint, 'true' (--output-dir's run) or a checkpoint (its newest)."""
+    if value.lower() == "true" and output_dir:
+        value = output_dir
     path = newest_unfinished_run() if value == "auto" else Path(value)
+    if path.parent.name == "checkpoints" and (path / "state.json").is_file():
+        newest = list_checkpoints(path.parent.parent)[-1]
+        if newest.name != path.name:
+            raise FinetuneError(f"--resume {path}: a run continues from its newest checkpoint, "
+                                f"{newest}; to train from this one, pass --model {path} in a "
+                                "new --output-dir")
+        path = path.parent.parent
     if (path / OVERWRITTEN).is_dir() and not list_checkpoints(path):
         put_back(path)
     finished = (path / "args.json").is_file() and is_finished(path, settings_or_none(path),
@@ -2933,9 +3208,13 @@ def put_back(out_dir):
 # 17. Results: metrics per epoch, the loss/accuracy plot, the final model.
 # ----------------------------------------------------------------------------
 
-def write_results(out_dir, metrics, loss_curve, evaluations):
-    """metrics.jsonl: a line per epoch, and one per evaluation between epoch ends (those
-    have no train_loss); the loss curve as [step, loss, lr]; curves.png plots both."""
+def write_results(out_dir, state, pending=()):
+    """All a run measured so far (`state`), as files: metrics.jsonl, a line per epoch and
+    one per evaluation between epoch ends (those have no train_loss); the loss curve as
+    [step, loss, lr], with `pending` points (the last steps' loss, not yet read out);
+    curves.png plots both."""
+    metrics, evaluations = state["metrics"], state["evaluations"]
+    loss_curve = state["loss_curve"] + list(pending)
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
@@ -2960,21 +3239,36 @@ def write_results(out_dir, metrics, loss_curve, evaluations):
         plt.close(fig)
 
 
-def load_best_model(out_dir, model, best, say):
-    """--load-best-model-at-end: the best evaluation's weights, from <output-dir>/best."""
-    kept = read_json(out_dir / BEST / "best.json") if (out_dir / BEST / "best.json").is_file() \
-        else None
-    if kept is None or kept["step"] != best["step"]:
+def keep_best_model(out_dir, model, best, say):
+    """--load-best-model-at-end: <output-dir>/best, the best evaluation's model, becomes
+    <output-dir>/model (renamed: no second copy), as the Trainer's final model is the best;
+    a resumed run that found no better one has it there already. `model` gets its weights."""
+    final = out_dir / "model"
+    held = [d for d in (out_dir / BEST, final) if (d / "best.json").is_file()
+            and read_json(d / "best.json")["step"] == best["step"]]
+    if not held:
         raise FinetuneError(f"{out_dir / BEST} does not hold the best evaluation's model (step "
                             f"{best['step']}); it was removed or damaged")
-    model.load_state_dict(load_file(out_dir / BEST / "model.safetensors"), strict=False)
+    if held[0] != final:
+        with writing(f"the best model to {final}"):
+            old = out_dir / ".model.old"
+            shutil.rmtree(old, ignore_errors=True)
+            if final.exists():
+                os.rename(final, old)
+            os.rename(held[0], final)
+            shutil.rmtree(old, ignore_errors=True)
+    drop_overwritten(out_dir)
+    model.load_state_dict(load_file(final / "model.safetensors"), strict=False)
     figures = (f"accuracy {best['accuracy']:.3f}, f1 {best['f1']:.3f}, "
                f"eval loss {best['eval_loss']:.4f}")
     say(f"best model: step {best['step']:,} (epoch {best['epoch']:g}): {figures}")
 
 
-def save_model(out_dir, model, tokenizer):
-    """The fine-tuned model for from_pretrained, with the checksums --predict checks."""
+def save_model(out_dir, model, tokenizer, say, best=None):
+    """The fine-tuned model for from_pretrained, with the checksums --predict checks; with
+    --load-best-model-at-end (`best`: its evaluation) the best evaluation's."""
+    if best is not None:
+        return keep_best_model(out_dir, model, best, say)
     with writing(f"the model to {out_dir / 'model'}"):
         model.save_pretrained(out_dir / "model")
         tokenizer.save_pretrained(out_dir / "model")
@@ -3051,6 +3345,7 @@ def finetune_with_torch(args, device, model, plan, data, ranks, run):
         for i, (step, batch) in enumerate(zip(todo, loader)):
             run.schedule.update(optimizer, run.state["global_step"] + len(losses))  # its lr
             losses.append(train_step(to_device(batch, device)))
+            run.progress.advance(1)  # the bar counts optimizer steps
             samples += data.samples_in_rows(step)
             # Each loss stays on the device, and the host reads them (one sync) only when
             # the run needs them: every --log-every and --save-every steps, at a stop
@@ -3060,7 +3355,7 @@ def finetune_with_torch(args, device, model, plan, data, ranks, run):
                 run.steps_done(torch.stack(losses).tolist(), samples)
                 losses, samples = [], 0
 
-        run.end_epoch(*run.evaluate())  # accuracy, F1 and eval loss; the epoch's line
+        run.end_epoch(run.evaluate)  # accuracy, F1 and eval loss (--eval-strategy); its line
     if ranks.stages > 1:  # each stage trained its own weights: bring them into rank 0's model
         gather_pipeline_weights(model, run.checkpoints.held, ranks)
 
@@ -3203,7 +3498,7 @@ def eval_data(data, args, ranks, make_loader):
 def pad_collate(pad_id, multiple=1):
     """Stack a batch, the token columns padded to its longest text, rounded up to a
     multiple of `multiple` tokens (--padding buckets; packed rows are all full)."""
-    padding_values = {"input_ids": pad_id, "attention_mask": 0}
+    padding_values = {"input_ids": pad_id, "attention_mask": 0, "token_type_ids": 0}
 
     def pad(rows, key):
         batch = torch.nn.utils.rnn.pad_sequence([r[key] for r in rows], batch_first=True,
@@ -3571,10 +3866,15 @@ def predict(model_dir, texts, max_length=512, batch_size=32):
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     check_tokenizer_fits(model_dir, model, tokenizer)
     max_length = min(max_length, max_tokens(model, tokenizer))  # longer texts are truncated
+    pairs = [text.split("\t", 1) for text in texts]  # a sentence pair: first<TAB>second
+    if len({len(pair) for pair in pairs}) > 1:
+        raise FinetuneError("--predict: give every text as a pair (first<TAB>second), or none")
+    columns = list(zip(*pairs))
     results = []
     for i in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[i:i + batch_size], truncation=True, max_length=max_length,
-                        padding=True, return_tensors="pt")
+        enc = tokenizer(*(list(c[i:i + batch_size]) for c in columns), truncation=True,
+                        max_length=max_length, padding=True, return_tensors="pt",
+                        return_token_type_ids=takes_token_types(model, len(columns) == 2))
         probs = model(**enc).logits.softmax(-1)
         best = probs.max(-1)
         results += [(model.config.id2label[int(i)], float(p))

@@ -113,8 +113,9 @@ def test_a_checkpoint_killed_mid_write_leaves_the_previous_one(unbroken, monkeyp
 
 def test_keep_prunes_old_checkpoints_and_state_is_json_and_safetensors(unbroken):
     checkpoints = fe.list_checkpoints(unbroken)
-    # 100 steps per epoch, --save-every 10, --keep 2: step 200 mid-epoch and at the epoch's end
-    assert [c.name for c in checkpoints] == ["step-00000200", "step-00000200-end"]
+    # 100 steps per epoch, --save-every 10, --keep 2: step 190, and 200 at the epoch's end
+    # (once: before issue 36 step 200 was kept twice, mid-epoch and as the epoch's end)
+    assert [c.name for c in checkpoints] == ["step-00000190", "step-00000200-end"]
     # a model directory too (config and tokenizer): --predict takes a checkpoint (issue 31)
     names = {p.name for p in checkpoints[-1].iterdir()}
     written = {"checksums.json", "config.json", "model.safetensors", "optimizer.safetensors",
@@ -130,12 +131,12 @@ def test_keep_prunes_old_checkpoints_and_state_is_json_and_safetensors(unbroken)
 def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(unbroken, tiny_model_dir,
                                                                   sentiment_dir, tmp_path):
     """Epoch 1 with checkpoints every 10 steps, the newest (the epoch's end) damaged on disk:
-    --resume says so, continues from step 100 and ends as the unbroken 2-epoch run."""
+    --resume says so, continues from step 90 and ends as the unbroken 2-epoch run."""
     out = tmp_path / "run"
     fe.main(run_args(tiny_model_dir, sentiment_dir, out, "--batch-size", "4", "--save-every", "10",
                      "--epochs", "1", "--keep", "3"))
     checkpoints = fe.list_checkpoints(out)
-    assert [c.name for c in checkpoints] == ["step-00000090", "step-00000100", "step-00000100-end"]
+    assert [c.name for c in checkpoints] == ["step-00000080", "step-00000090", "step-00000100-end"]
     data = bytearray((checkpoints[-1] / "model.safetensors").read_bytes())
     data[len(data) // 2] ^= 0x01  # one bit, in the tensor data: only the checksum sees it
     (checkpoints[-1] / "model.safetensors").write_bytes(bytes(data))
@@ -144,7 +145,7 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(unbroken, tiny_
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert (f"warning: checkpoint {checkpoints[-1]} is damaged (model.safetensors: its checksum "
             "is not the one written with it); trying the one before it") in resumed.stdout
-    assert f"resumed from {checkpoints[1]} (epoch 1, step 100)" in resumed.stdout
+    assert f"resumed from {checkpoints[1]} (epoch 1, step 90)" in resumed.stdout
     assert_same_run(unbroken, out)
     assert not any(fe.damaged_files(c) for c in fe.list_checkpoints(out))  # rewritten whole
 

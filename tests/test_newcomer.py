@@ -28,7 +28,8 @@ def test_summary_bar_and_epoch_lines_tell_one_story(capsys, tiny_model_dir, sent
     assert summary["micro-batch"] == "8 samples"
     assert summary["left out each epoch"] == ("4 samples of 60, too few for a whole optimizer "
                                               "step (drop_last); a new shuffle picks them each epoch")
-    assert summary["progress bar"] == "per epoch 7 optimizer steps, then 1 eval batch"
+    assert summary["progress bar"] == ("one for the run: 14 optimizer steps and 1 eval batch "
+                                       "per evaluation")
     # the bar's total is that story: 2 x (7 + 1)
     assert "16/16 [" in printed.err and "/18 [" not in printed.err
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

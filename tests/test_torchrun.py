@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 import finetune_electra as fe
-from conftest import ROOT, assert_accuracy_of_saved_model, cli_error, summary_of, tiny_electra
+from conftest import (ROOT, assert_accuracy_of_saved_model, cli_error, minilm_dir, summary_of,
+                      tiny_electra)
 
 # Micro-batches of 2 and 8 samples per optimizer step in every layout, the same
 # batches in the same order, static padding, no dropout: the runs must agree.
@@ -288,3 +289,56 @@ def test_a_resume_with_another_process_count_is_refused_with_the_command_that_wo
     assert alone.returncode == 2, alone.stderr[-3000:]
     assert "was written by 2 process(es), this run has 1: resume it as it ran, with torchrun " \
            f"--nproc-per-node 2 {ROOT / 'finetune_electra.py'} --resume {out}" in alone.stderr
+
+
+def test_a_ddp_run_that_max_steps_ended_continues_to_the_unbroken_run(
+        unbroken_ddp, tiny_model_dir, sentiment_dir, tmp_path):
+    """Issue 36: --max-steps 20 ends epoch 1 early (and the warm-up with it, so its lrs are
+    the unbroken run's); --resume with no budget (-1: --epochs decides) trains on from step
+    20 into exactly the unbroken 2-epoch run."""
+    out = tmp_path / "ddp"
+    first = torchrun(2, *resumable_args("ddp", tiny_model_dir, sentiment_dir), "--max-steps", "20",
+                     "--output-dir", str(out))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "the run ends after 20 of its 50 steps" in first.stdout
+    resumed = torchrun(2, "--resume", str(out), "--max-steps", "-1")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "(epoch 1, step 20)" in resumed.stdout
+    assert_same_curve_and_weights(out, unbroken_ddp)
+
+
+NO_DROPOUT = {"roberta": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+              "distilbert": dict(dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0),
+              "modernbert": dict(embedding_dropout=0.0, attention_dropout=0.0, mlp_dropout=0.0,
+                                 classifier_dropout=0.0)}
+
+
+@NEEDS_PIPELINING
+@pytest.mark.parametrize("family", list(NO_DROPOUT))
+def test_other_families_in_a_pipeline_equal_one_process(family, sentiment_dir, tmp_path):
+    """Issue 38: RoBERTa (encoder.layer, position ids after the padding index), DistilBERT
+    (transformer.layer) and ModernBERT (layers, rotary positions) split over 2 stages train
+    as one process does, step by step."""
+    import transformers
+    from test_families import tiny_classifier
+    model = tiny_classifier(family, **NO_DROPOUT[family])  # skips where transformers lacks it
+    model_dir = tmp_path / family
+    model.save_pretrained(model_dir)
+    transformers.AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(model_dir)
+    data = ["--model", str(model_dir), "--dataset", str(sentiment_dir), *COMMON, "--epochs", "1",
+            "--gradient-accumulation", "4"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        fe.main([*data, "--output-dir", str(tmp_path / "single")])
+    proc = torchrun(2, *data, "--stages", "2", "--schedule", "gpipe",
+                    "--output-dir", str(tmp_path / "pipeline"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "pipeline stage plan (2 stages" in proc.stdout
+    single, pipe = (read(tmp_path / run, "loss_curve.json") for run in ("single", "pipeline"))
+    assert [step for step, *_ in pipe] == [step for step, *_ in single] == list(range(1, 13))
+    assert [loss for _, loss, *_ in pipe] == pytest.approx([loss for _, loss, *_ in single],
+                                                          rel=1e-4)
+    a, b = (load_file(tmp_path / run / "model" / "model.safetensors")
+            for run in ("single", "pipeline"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=2e-5)

@@ -122,7 +122,8 @@ def test_the_model_is_the_best_evaluations(controlled_run):
     _, out, _ = controlled_run
     lines = fe.metric_lines(out)
     best = max(lines, key=lambda m: (m["accuracy"], -m["step"]))
-    assert json.loads((out / "best" / "best.json").read_text())["step"] == best["step"]
+    assert json.loads((out / "model" / "best.json").read_text())["step"] == best["step"]
+    assert not (out / "best").exists()  # it became model/: no second copy (issue 36)
     args = json.loads((out / "args.json").read_text())
     eval_split = fe.select_splits(fe.load_splits(args["dataset"]), "text", "label")["eval"]
     predicted = [label for label, _ in fe.predict(out / "model", eval_split["text"], 64)]
@@ -226,26 +227,26 @@ BAD_CONTROLS = [
     (["--warmup-ratio", "-0.1"], "error: --warmup-ratio -0.1: must be from 0 up to, not including, 1"),
     (["--warmup-steps", "-1"], "error: --warmup-steps -1: must be 0 or more"),
     (["--weight-decay", "-0.01"], "error: --weight-decay -0.01: must be from 0 up to, not including, 1"),
-    (["--max-grad-norm", "0"], "error: --max-grad-norm 0.0: must be more than 0 (leave it out for "
-                               "no clipping)"),
-    (["--max-grad-norm", "-1"], "error: --max-grad-norm -1.0: must be more than 0 (leave it out for "
-                                "no clipping)"),
-    (["--eval-steps", "0"], "error: --eval-steps 0: must be at least 1"),
-    (["--max-steps", "0"], "error: --max-steps 0: must be at least 1"),
+    (["--max-grad-norm", "-1"], "error: --max-grad-norm -1.0: must be more than 0, or 0 for no "
+                                "clipping"),
+    (["--eval-steps", "0"], "error: --eval-steps 0: must be more than 0 (a number below 1 is a "
+                            "ratio of all training steps, as in the Trainer)"),
+    (["--max-steps", "0"], "error: --max-steps 0: must be at least 1, or -1 for none (--epochs "
+                           "decides)"),
     (["--early-stopping-patience", "2"], "error: --early-stopping-patience needs "
                                          "--load-best-model-at-end: early stopping keeps the "
                                          "best model, not the last"),
     (["--fp16", "--bf16", "yes"], "error: --fp16 and --bf16 yes: choose one precision"),
     (["--report-to", "wandb"], "error: argument --report-to: invalid choice: 'wandb' (choose "
-                               "from 'none', 'tensorboard')"),
+                               "from 'none', 'tensorboard', 'all')"),
 ]
 
 
 @pytest.mark.parametrize("argv, message", BAD_CONTROLS, ids=[" ".join(a) for a, _ in BAD_CONTROLS])
 def test_a_control_out_of_range_is_one_error_line(capsys, tmp_path, argv, message):
     error = cli_error(capsys, ["--output-dir", str(tmp_path / "run"), *argv])
-    assert error == message.replace("'none', 'tensorboard'", "none, tensorboard") or \
-        error == message
+    assert error == message.replace("'none', 'tensorboard', 'all'", "none, tensorboard, all") \
+        or error == message
     assert not (tmp_path / "run").exists()
 
 
@@ -381,7 +382,7 @@ def test_killed_mid_warm_up_then_resumed_equals_the_unbroken_run(tiny_model_dir,
             item.items() if isinstance(item, dict) else enumerate(item))
             if "seconds" not in str(k) and "_per_s" not in str(k)]
 
-    for name in ("loss_curve.json", "metrics.jsonl", "best/best.json"):
+    for name in ("loss_curve.json", "metrics.jsonl", "model/best.json"):
         a, b = figures(out, name), figures(tmp_path / "unbroken", name)
         assert [k for k, _ in a] == [k for k, _ in b], name
         assert [v for _, v in a] == pytest.approx([v for _, v in b], rel=1e-6), name
