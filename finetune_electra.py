@@ -1770,7 +1770,8 @@ PACKING_WINDOW = 1000   # reviews packed together: enough to fill rows, still sh
 # (an epoch that needs more is shuffled anew). A fixed number of epochs, not --epochs,
 # which a resume may change: an epoch's rows must not depend on it.
 ROW_COUNT_EPOCHS = 3
-PACKABLE_MODELS = ("ElectraForSequenceClassification", "BertForSequenceClassification")
+PACKABLE_MODELS = ("ElectraForSequenceClassification", "BertForSequenceClassification",
+                   "RobertaForSequenceClassification", "XLMRobertaForSequenceClassification")
 
 
 def packing_for(args, model, padding):
@@ -1781,7 +1782,7 @@ def packing_for(args, model, padding):
         raise FinetuneError("--padding packed takes single texts, not sentence pairs yet: use "
                             "--padding max_length")
     if type(model).__name__ not in PACKABLE_MODELS:
-        raise FinetuneError(f"--padding packed knows the heads of {' and '.join(PACKABLE_MODELS)}, "
+        raise FinetuneError(f"--padding packed knows the heads of {', '.join(PACKABLE_MODELS)}, "
                             f"not {type(model).__name__}: use --padding max_length")
     return Packing(args.max_length, args.max_per_row, args.seed)
 
@@ -1949,8 +1950,10 @@ class PackedClassifier(torch.nn.Module):
         embedded = self.model.get_input_embeddings()(input_ids)
         mask, first_token = packed_attention(attention_mask, position_ids, self.per_row,
                                              self.model.dtype)
+        # RoBERTa and XLM-R count positions from after their padding index, not from 0.
+        first_position = getattr(self.model.base_model.embeddings, "padding_idx", -1) + 1
         hidden = self.model.base_model(inputs_embeds=embedded, attention_mask=mask,
-                                       position_ids=position_ids)[0]
+                                       position_ids=position_ids + first_position)[0]
         firsts = first_token @ hidden  # rows, slots, hidden
         # The model's own head, given each review's first token as a text of one token.
         logits = classify_first_token(self.model, firsts.flatten(0, 1)[:, None])

@@ -39,7 +39,7 @@ def review_texts(n, seed):
     return sentiment_frame(n, seed).text.tolist()
 
 
-@pytest.mark.parametrize("architecture", ["electra", "bert"])
+@pytest.mark.parametrize("architecture", ["electra", "bert", "roberta"])
 def test_packed_logits_equal_each_review_alone(architecture, tiny_model_dir):
     """Block-diagonal attention, restarted positions, the head on each review's own
     first token: a review's logits do not depend on the reviews it shares a row with."""
@@ -48,9 +48,13 @@ def test_packed_logits_equal_each_review_alone(architecture, tiny_model_dir):
     if architecture == "electra":
         model = tiny_electra(max_position_embeddings=256)
         tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    else:  # the real pretrained MiniLM (BERT), whose pooler sits between encoder and head
+    elif architecture == "bert":  # the real pretrained MiniLM, a pooler between encoder and head
         model = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2)
         tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    else:  # positions counted from after the padding index (issue 38)
+        from test_families import tiny_classifier
+        model = tiny_classifier("roberta", max_position_embeddings=260)
+        tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model.eval()
     texts = review_texts(24, seed=1) + ["Great.", "Awful film!", "Fine"]
     by_review, alone, rows, batch = packed_and_alone(model, tokenizer, texts, 256, per_row=4)
@@ -177,15 +181,15 @@ def test_packing_flags_out_of_place_are_one_error_line(argv, message, tiny_model
 
 def test_a_model_whose_head_packing_does_not_know_is_refused(sentiment_dir, tmp_path, capsys,
                                                               tiny_model_dir):
-    from transformers import AutoTokenizer, RobertaConfig, RobertaForSequenceClassification
-    RobertaForSequenceClassification(RobertaConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=130)).save_pretrained(tmp_path / "roberta")
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "roberta")
-    error = cli_error(capsys, run_args(tmp_path / "roberta", sentiment_dir, tmp_path / "run",
+    from transformers import AutoTokenizer
+    from test_families import tiny_classifier
+    tiny_classifier("distilbert").save_pretrained(tmp_path / "distilbert")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "distilbert")
+    error = cli_error(capsys, run_args(tmp_path / "distilbert", sentiment_dir, tmp_path / "run",
                                        "--padding", "packed"))
-    assert error == ("error: --padding packed knows the heads of ElectraForSequenceClassification "
-                     "and BertForSequenceClassification, not RobertaForSequenceClassification: "
+    assert error == ("error: --padding packed knows the heads of ElectraForSequenceClassification, "
+                     "BertForSequenceClassification, RobertaForSequenceClassification, "
+                     "XLMRobertaForSequenceClassification, not DistilBertForSequenceClassification: "
                      "use --padding max_length")
 
 
