@@ -1778,9 +1778,6 @@ def packing_for(args, model, padding):
     """--padding packed: how this run packs reviews into rows (None otherwise)."""
     if padding != "packed":
         return None
-    if "," in args.text_column:
-        raise FinetuneError("--padding packed takes single texts, not sentence pairs yet: use "
-                            "--padding max_length")
     if type(model).__name__ not in PACKABLE_MODELS:
         raise FinetuneError(f"--padding packed knows the heads of {', '.join(PACKABLE_MODELS)}, "
                             f"not {type(model).__name__}: use --padding max_length")
@@ -1887,6 +1884,8 @@ class PackedRows(torch.utils.data.Dataset):
         position_ids = torch.zeros(self.max_length, dtype=torch.long)
         labels = torch.full((self.per_row,), -100, dtype=torch.long)  # -100: an empty slot
         loss_weights = torch.zeros(self.per_row)
+        pairs = {"token_type_ids": torch.zeros(self.max_length, dtype=torch.long)} \
+            if getattr(self.reviews, "token_type_ids", None) is not None else {}  # pairs: 0, 1
         start = 0
         for slot, sample in enumerate(self.rows[i]):
             review = self.reviews[sample]
@@ -1898,8 +1897,10 @@ class PackedRows(torch.utils.data.Dataset):
             # turns into a float convolution with a kernel as long as the row.
             position_ids[start:end] = torch.arange(end - start)
             labels[slot], loss_weights[slot] = review["labels"], self.weights[i]
+            for name, values in pairs.items():
+                values[start:end] = review[name]
             start = end
-        return {"input_ids": input_ids, "attention_mask": review_of_token,
+        return {"input_ids": input_ids, "attention_mask": review_of_token, **pairs,
                 "position_ids": position_ids, "labels": labels, "loss_weights": loss_weights}
 
 
@@ -1944,7 +1945,8 @@ class PackedClassifier(torch.nn.Module):
         super().__init__()
         self.model, self.per_row = model, per_row
 
-    def forward(self, input_ids, attention_mask, position_ids, labels=None, loss_weights=None):
+    def forward(self, input_ids, attention_mask, position_ids, labels=None, loss_weights=None,
+                token_type_ids=None):
         # The token embeddings first: a traced torchrun pipeline stage (torch 2.13) takes
         # its inputs in the order its graph first uses them, and that must be forward's.
         embedded = self.model.get_input_embeddings()(input_ids)
@@ -1952,8 +1954,9 @@ class PackedClassifier(torch.nn.Module):
                                              self.model.dtype)
         # RoBERTa and XLM-R count positions from after their padding index, not from 0.
         first_position = getattr(self.model.base_model.embeddings, "padding_idx", -1) + 1
+        pairs = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
         hidden = self.model.base_model(inputs_embeds=embedded, attention_mask=mask,
-                                       position_ids=position_ids + first_position)[0]
+                                       position_ids=position_ids + first_position, **pairs)[0]
         firsts = first_token @ hidden  # rows, slots, hidden
         # The model's own head, given each review's first token as a text of one token.
         logits = classify_first_token(self.model, firsts.flatten(0, 1)[:, None])

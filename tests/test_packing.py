@@ -12,19 +12,21 @@ from conftest import IMDB_DIR, assert_accuracy_of_saved_model, assert_learned, c
     minilm_dir, run_args, sentiment_frame, summary_of, tiny_electra
 
 
-def packed_and_alone(model, tokenizer, texts, max_length, per_row):
-    """Per-review logits from packed rows (with the rows), and each review run alone."""
+def packed_and_alone(model, tokenizer, texts, max_length, per_row, seconds=None):
+    """Per-review logits from packed rows (with the rows), and each review run alone.
+    seconds: each text's second, for sentence pairs (with token type ids)."""
     from datasets import Dataset
-    ds = Dataset.from_dict({"text": texts, "label": [i % 2 for i in range(len(texts))]})
-    args = fe.parse_args(["--max-length", str(max_length)])
-    reviews = fe.Reviews(fe.tokenize(ds, tokenizer, args, False))
+    columns = {"text": texts, **({"second": seconds} if seconds else {})}
+    ds = Dataset.from_dict({**columns, "label": [i % 2 for i in range(len(texts))]})
+    args = fe.parse_args(["--max-length", str(max_length), "--text-column", ",".join(columns)])
+    reviews = fe.Reviews(fe.tokenize(ds, tokenizer, args, False, token_types=bool(seconds)))
     rows = fe.pack_rows(reviews.lengths, range(len(reviews)), max_length, per_row)
     packed = fe.PackedRows(reviews, max_length, per_row, tokenizer.pad_token_id, len(rows), 1)
     batch = fe.pad_collate(tokenizer.pad_token_id)([packed.use(rows)[i] for i in range(len(rows))])
     with torch.no_grad():
         logits = fe.PackedClassifier(model, per_row)(**batch).logits
-        alone = torch.stack([model(input_ids=reviews[i]["input_ids"][None]).logits[0]
-                             for i in range(len(texts))])
+        alone = torch.stack([model(**{k: v[None] for k, v in reviews[i].items() if k != "labels"}
+                                   ).logits[0] for i in range(len(texts))])
     by_review = torch.empty_like(alone)
     for r, row in enumerate(rows):
         for slot, review in enumerate(row):
@@ -62,6 +64,18 @@ def test_packed_logits_equal_each_review_alone(architecture, tiny_model_dir):
     assert batch["input_ids"].shape == (len(rows), 256) and batch["labels"].shape == (len(rows), 4)
     torch.testing.assert_close(by_review, alone, rtol=1e-4, atol=1e-4)
     assert (by_review - alone).abs().max() < 1e-4
+
+
+def test_packed_sentence_pairs_equal_each_pair_alone(tiny_model_dir):
+    """Each pair's token type ids (0, then 1) go into its slot of the row (issue 38)."""
+    from transformers import AutoTokenizer
+    torch.manual_seed(0)
+    model = tiny_electra(max_position_embeddings=256).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    firsts, seconds = (sentiment_frame(16, seed).text.tolist() for seed in (2, 3))  # short
+    by_review, alone, rows, batch = packed_and_alone(model, tokenizer, firsts, 256, 4, seconds)
+    assert max(map(len, rows)) >= 2 and batch["token_type_ids"].max() == 1
+    torch.testing.assert_close(by_review, alone, rtol=1e-4, atol=1e-4)
 
 
 def test_packed_attention_is_block_diagonal_with_positions_from_the_host():

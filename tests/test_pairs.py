@@ -94,8 +94,6 @@ def test_pairs_reach_the_model_on_the_ipu_standin(fake_poptorch, monkeypatch, ti
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--padding", "packed"], "error: --padding packed takes single texts, not sentence pairs "
-                              "yet: use --padding max_length"),
     (["--text-column", "first,second,label"], "error: --text-column first,second,label: one "
                                               "column, or two for sentence pairs (first,second)")])
 def test_what_pairs_do_not_take_is_one_error_line(capsys, tiny_model_dir, pairs_dir, tmp_path,
