@@ -2237,31 +2237,33 @@ class Run:
     def end_epoch(self, evaluate):
         """The end of an epoch, or of the run where --max-steps ends one early: the
         evaluation --eval-strategy asks for (the flow's `evaluate`), the line (the tutorial's
-        "Accuracy:" first), the results and a checkpoint. A run that --max-steps ended stays
-        mid-epoch, its losses not yet read out: a --resume with a larger --max-steps trains
-        on as if never stopped."""
-        state = self.state
-        figures, eval_seconds = evaluate() if self.plan.evaluates(state["global_step"]) else ({}, 0)
-        if figures:
-            self.evaluations.record(figures, eval_seconds)
+        "Accuracy:" first), the results and a checkpoint.
+
+        A run that --max-steps ends mid-epoch is paused there, as a stop pauses it: its
+        checkpoint holds the state a larger --max-steps goes on from, exactly the unbroken
+        run's. What it reports beyond that (the epoch's partial line, with the evaluation
+        the epoch strategy makes at a run's end) is written to the files only."""
+        state, step = self.state, self.state["global_step"]
+        figures, eval_seconds = evaluate() if self.plan.evaluates(step) else ({}, 0)
         complete = state["step"] == self.plan.per_epoch
+        counted = figures and (complete or self.plan.evaluates_mid_epoch(step))
+        if counted:
+            self.evaluations.record(figures, eval_seconds)
         if complete:
             state["loss_curve"] += self.progress.interval_reading()  # its last steps, however few
         line = epoch_metrics(state, self.data, self.args, figures, eval_seconds,
                              time.perf_counter() - self.epoch_start, self.warmup_seconds,
                              self.schedule)
-        if not complete:
-            line["partial"] = True  # the epoch's first steps: the rest replaces this line
         self.warmup_seconds = 0.0  # counted in this epoch's time only
         self.progress.epoch_line(line, state["step"])
-        state["metrics"] = [m for m in state["metrics"] if m["epoch"] != line["epoch"]] + [line]
         if complete:
+            state["metrics"].append(line)
             state.update(epoch=state["epoch"] + 1, step=0, batches=None, loss_sum=0.0,
                          loss_steps=0, train_samples=0, train_seconds=0.0, skipped_steps=0)
-        self.progress.write_results()
+        self.progress.write_results(extra=[] if complete else [dict(line, partial=True)])
         if self.checkpoints.held:
             self.checkpoints.save()
-        if figures:
+        if counted:
             self.evaluations.stop_if_no_better()
 
     def close(self, stopping=False):
@@ -2348,8 +2350,10 @@ class StepPlan:
     def evaluates(self, step):
         """Whether the run evaluates once `step` steps are done: at epoch ends with
         --eval-strategy epoch (the tutorial's), and every --eval-steps steps."""
-        return ((self.eval_at_epoch_ends and self.ends_epoch(step))
-                or bool(self.eval_steps) and step % self.eval_steps == 0)
+        return (self.eval_at_epoch_ends and self.ends_epoch(step)) or self.evaluates_mid_epoch(step)
+
+    def evaluates_mid_epoch(self, step):  # every --eval-steps, whatever the budget
+        return bool(self.eval_steps) and step % self.eval_steps == 0
 
     def saves(self, step):
         """Whether a mid-epoch checkpoint is due (an epoch's end takes one anyway)."""
@@ -2467,9 +2471,9 @@ class Progress:
         self.board = tensorboard_writer(args, self.out_dir, done + 1 if done else None) \
             if self.ranks.is_main else None
 
-    def write_results(self):  # with the steps since the last reading, left in the sums
+    def write_results(self, extra=()):  # with the steps since the last reading, left in the sums
         if self.ranks.is_main:
-            write_results(self.out_dir, self.state, self.pending_reading())
+            write_results(self.out_dir, self.state, self.pending_reading(), extra)
 
     def step_done(self, loss):
         """A step's loss (None: skipped) into the sums; a reading every --log-every steps."""
@@ -3214,32 +3218,34 @@ def put_back(out_dir):
 # 17. Results: metrics per epoch, the loss/accuracy plot, the final model.
 # ----------------------------------------------------------------------------
 
-def write_results(out_dir, state, pending=()):
+def write_results(out_dir, state, pending=(), extra=()):
     """All a run measured so far (`state`), as files: metrics.jsonl, a line per epoch and
-    one per evaluation between epoch ends (those have no train_loss); the loss curve as
-    [step, loss, lr], with `pending` points (the last steps' loss, not yet read out);
-    curves.png plots both."""
-    metrics, evaluations = state["metrics"], state["evaluations"]
+    one per evaluation between epoch ends (those have no train_loss), and `extra` lines (an
+    epoch a --max-steps ended: partial); the loss curve as [step, loss, lr], with `pending`
+    points (the last steps' loss, not yet read out); curves.png plots both."""
+    metrics, evaluations = state["metrics"] + list(extra), state["evaluations"]
     loss_curve = state["loss_curve"] + list(pending)
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
     epoch_steps = {m["step"] for m in metrics}
-    between = [e for e in evaluations if e["step"] not in epoch_steps]
+    lines = sorted(metrics + [e for e in evaluations if e["step"] not in epoch_steps],
+                   key=lambda m: m["step"])
     with writing(f"the results in {out_dir}"):
         with open(out_dir / "metrics.jsonl", "w") as f:
-            f.writelines(json.dumps(m) + "\n"
-                         for m in sorted(metrics + between, key=lambda m: m["step"]))
+            f.writelines(json.dumps(m) + "\n" for m in lines)
         (out_dir / "loss_curve.json").write_text(json.dumps(loss_curve))
         fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
         if loss_curve:
             steps, losses = [p[0] for p in loss_curve], [p[1] for p in loss_curve]
             loss_ax.plot(steps, losses, marker="o" if len(steps) <= 50 else None)  # few: visible
         loss_ax.set(xlabel="optimizer step", ylabel="train loss", title="Training loss")
-        acc_ax.plot([e["epoch"] for e in evaluations], [e["accuracy"] for e in evaluations],
-                    marker="o")
-        acc_ax.set_xticks(range(1, max([m["epoch"] for m in metrics] + [1]) + 1))
-        acc_ax.set(xlabel="epoch", ylabel="accuracy", title="Validation accuracy")
+        measured = [m for m in lines if "accuracy" in m]
+        acc_ax.plot([m["step"] for m in measured], [m["accuracy"] for m in measured], marker="o")
+        for epoch_end in sorted(m["step"] for m in state["metrics"]):
+            acc_ax.axvline(epoch_end, color="0.85", zorder=0)  # the epochs' ends
+        acc_ax.set(xlabel="optimizer step (grey: epoch ends)", ylabel="accuracy",
+                   title="Validation accuracy")
         fig.tight_layout()
         fig.savefig(out_dir / "curves.png")
         plt.close(fig)
