@@ -16,6 +16,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
+# Seconds a test waits for a process or a checkpoint: a guard against a hang, never a speed
+# check (a 2-core machine shared with other work ran the suite 4x slower, issue 39).
+HANG = 1800
 sys.path.insert(0, str(ROOT))
 IMDB_DIR = Path(os.environ.get("IMDB_DIR", ROOT.parent / "shared" / "data" / "imdb"))
 

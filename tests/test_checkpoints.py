@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 import finetune_electra as fe
-from conftest import cli_error, ROOT, poisoned_forward, run_args, sentiment_frame
+from conftest import (HANG, ROOT, cli_error, poisoned_forward, run_args,
+                      sentiment_frame)
 
 SCRIPT = str(ROOT / "finetune_electra.py")
 
@@ -38,7 +39,7 @@ def start(argv):
                             stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_checkpoint(proc, run_dir, timeout=120):
+def wait_for_checkpoint(proc, run_dir, timeout=HANG):
     deadline = time.time() + timeout
     while not fe.list_checkpoints(run_dir):
         assert proc.poll() is None, proc.communicate()[1][-2000:]
@@ -66,7 +67,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_unbroken_run(unbroken, tiny_mo
     assert state["epoch"] == 0 and state["step"] == 10  # killed mid-epoch, 100 steps per epoch
     assert not (out / "model").exists()
     resumed = subprocess.run([sys.executable, SCRIPT, "--resume", str(out)],
-                             capture_output=True, text=True, timeout=300)
+                             capture_output=True, text=True, timeout=HANG)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout
     assert_same_run(unbroken, out)
@@ -78,12 +79,12 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(unbroken, tiny_model_d
     proc = start(run_args(tiny_model_dir, sentiment_dir, out, "--batch-size", "4", "--save-every", "10"))
     wait_for_checkpoint(proc, out)
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=HANG)
     assert proc.returncode == 130, stderr[-2000:]
     assert f"resume with: python {SCRIPT} --resume {out}" in stdout
     assert "Traceback" not in stderr
     resumed = subprocess.run([sys.executable, SCRIPT, "--resume", str(out)],
-                             capture_output=True, text=True, timeout=300)
+                             capture_output=True, text=True, timeout=HANG)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_run(unbroken, out)
 
@@ -141,7 +142,7 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(unbroken, tiny_
     data[len(data) // 2] ^= 0x01  # one bit, in the tensor data: only the checksum sees it
     (checkpoints[-1] / "model.safetensors").write_bytes(bytes(data))
     resumed = subprocess.run([sys.executable, SCRIPT, "--resume", str(out), "--epochs", "2"],
-                             capture_output=True, text=True, timeout=300)
+                             capture_output=True, text=True, timeout=HANG)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert (f"warning: checkpoint {checkpoints[-1]} is damaged (model.safetensors: its checksum "
             "is not the one written with it); trying the one before it") in resumed.stdout
@@ -268,7 +269,7 @@ def test_packed_run_killed_then_resumed_with_more_epochs_equals_the_unbroken_run
     fe.main(run_args(tiny_model_dir, data, tmp_path / "unbroken", *packed, "--epochs", "2"))
     out = tmp_path / "killed"
     proc = start(run_args(tiny_model_dir, data, out, *packed, "--epochs", "1"))
-    wait_for_checkpoint(proc, out, timeout=300)
+    wait_for_checkpoint(proc, out, timeout=HANG)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     newest = json.loads((fe.list_checkpoints(out)[-1] / "state.json").read_text())
@@ -338,21 +339,21 @@ def test_a_second_ctrl_c_inside_a_save_waits_for_the_checkpoint(unbroken, tiny_m
         [sys.executable, "-c", SLOW_SAVE.format(root=str(ROOT), flag=str(flag)),
          *run_args(tiny_model_dir, sentiment_dir, out, "--batch-size", "4", "--save-every", "10")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
+    deadline = time.time() + HANG
     while not flag.exists():
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
         time.sleep(0.005)
     proc.send_signal(signal.SIGINT)  # inside the first save: both land there
     time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=HANG)
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
     assert "stopped by SIGINT (a second one: at once, without saving) at epoch 1, step 10" in stdout
     [checkpoint] = fe.list_checkpoints(out)
     assert checkpoint.name == "step-00000010" and not fe.damaged_files(checkpoint)
     assert not list((out / "checkpoints").glob(".*.tmp"))
     resumed = subprocess.run([sys.executable, SCRIPT, "--resume", str(out)],
-                             capture_output=True, text=True, timeout=300)
+                             capture_output=True, text=True, timeout=HANG)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_run(unbroken, out)
 
@@ -367,11 +368,11 @@ def test_two_quick_ctrl_c_in_training_stop_cleanly_and_keep_a_checkpoint(
     proc.send_signal(signal.SIGINT)
     time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=HANG)
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
     assert "stopped by SIGINT" in stdout and f"resume with: python {SCRIPT} --resume {out}" in stdout
     assert all(not fe.damaged_files(c) for c in fe.list_checkpoints(out))
     resumed = subprocess.run([sys.executable, SCRIPT, "--resume", str(out)],
-                             capture_output=True, text=True, timeout=300)
+                             capture_output=True, text=True, timeout=HANG)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_run(unbroken, out)

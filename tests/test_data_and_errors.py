@@ -8,7 +8,8 @@ import torch
 from datasets import Dataset, DatasetDict
 
 import finetune_electra as fe
-from conftest import cli_error, ROOT, run_args, sentiment_frame, tiny_electra
+from conftest import (HANG, ROOT, cli_error, run_args, sentiment_frame,
+                      tiny_electra)
 
 
 def splits_of(path, text="text", label="label", label_names=None):
@@ -135,7 +136,7 @@ def test_hub_unreachable_says_so_and_points_to_local_paths(tmp_path):
             sentiment_frame(8, 1).to_parquet(tmp_path / "data" / "test.parquet")
         proc = subprocess.run([sys.executable, str(ROOT / "finetune_electra.py"), *argv,
                                "--output-dir", str(tmp_path / "out")],
-                              capture_output=True, text=True, env=env, timeout=120)
+                              capture_output=True, text=True, env=env, timeout=HANG)
         assert proc.returncode == 2
         assert "Traceback" not in proc.stderr
         error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

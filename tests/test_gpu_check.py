@@ -7,15 +7,18 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+import finetune_electra as fe
+from conftest import HANG, ROOT
 
 
+@pytest.mark.skipif(fe.TORCH_VERSION < (2, 4), reason="benchmarks/gpu_check.py runs on GPU machines "
+                    "with a recent torch, never with the IPU host's torch 2.0.1 (issue 39: CI time)")
 def test_gpu_check_tiny_mode_runs_every_part_on_cpu(tiny_model_dir, sentiment_dir, tmp_path):
     pytest.importorskip("accelerate", reason="the Trainer baseline needs accelerate")
     out = tmp_path / "results.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--tiny",
                            "--model", str(tiny_model_dir), "--dataset", str(sentiment_dir),
-                           "--out", str(out)], capture_output=True, text=True, timeout=900)
+                           "--out", str(out)], capture_output=True, text=True, timeout=HANG)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())
     assert results["machine"]["device"] == "cpu" and results["machine"]["torch"]

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 import finetune_electra as fe
-from conftest import IPU_ARGS, ROOT, WithIdentityLoss, assert_accuracy_of_saved_model, cli_error, \
-    run_args, standin_env, summary_of
+from conftest import (HANG, IPU_ARGS, ROOT, WithIdentityLoss, assert_accuracy_of_saved_model,
+                      cli_error, run_args, standin_env, summary_of)
 
 SCRIPT = str(ROOT / "finetune_electra.py")
 
@@ -234,7 +234,7 @@ def test_a_poptorch_that_refuses_this_torch_is_one_clear_line(tmp_path):
     for device in ("ipu", "auto"):
         proc = subprocess.run([sys.executable, SCRIPT, "--device", device,
                                "--output-dir", str(tmp_path / "out")],
-                              capture_output=True, text=True, env=env, timeout=120)
+                              capture_output=True, text=True, env=env, timeout=HANG)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         [error] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert ("PopTorch is installed but will not import (This version of PopTorch only works "
@@ -244,7 +244,7 @@ def test_a_poptorch_that_refuses_this_torch_is_one_clear_line(tmp_path):
 
 def run_script(argv, env):
     proc = subprocess.run([sys.executable, SCRIPT, *argv], capture_output=True, text=True,
-                          env=env, timeout=300)
+                          env=env, timeout=HANG)
     return proc
 
 

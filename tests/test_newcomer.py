@@ -11,7 +11,7 @@ import sys
 from safetensors.torch import load_file, save_file
 
 import finetune_electra as fe
-from conftest import ROOT, minilm_dir, run_args, summary_of, tiny_electra
+from conftest import HANG, ROOT, minilm_dir, run_args, summary_of, tiny_electra
 
 SCRIPT = str(ROOT / "finetune_electra.py")
 
@@ -108,12 +108,12 @@ def test_ctrl_c_after_a_resume_that_added_an_epoch_resumes_to_the_end(tiny_model
     while fe.list_checkpoints(out)[-1] == first:  # a checkpoint in epoch 2
         assert proc.poll() is None, proc.communicate()[1][-2000:]
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=HANG)
     assert proc.returncode == 130, stderr[-2000:]
     command = stdout.split("resume with: ")[1].splitlines()[0]
     assert command == f"python {SCRIPT} --resume {out}"
     resumed = subprocess.run([sys.executable, *command.split()[1:]], capture_output=True,
-                             text=True, timeout=300)
+                             text=True, timeout=HANG)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert [m["epoch"] for m in fe.epochs_done(out)] == [1, 2]
     assert "Accuracy: " in resumed.stdout and "(epoch 2 of 2:" in resumed.stdout

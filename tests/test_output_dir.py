@@ -12,7 +12,7 @@ import time
 import pytest
 
 import finetune_electra as fe
-from conftest import ROOT, cli_error, run_args
+from conftest import HANG, ROOT, cli_error, run_args
 
 SCRIPT = str(ROOT / "finetune_electra.py")
 RESULTS = ("args.json", "metrics.jsonl", "model/model.safetensors")
@@ -63,7 +63,7 @@ def start(argv):
                             stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(condition, proc, timeout=120):
+def wait_for(condition, proc, timeout=HANG):
     deadline = time.time() + timeout
     while not condition():
         assert proc.poll() is None, proc.communicate()[1][-2000:]
@@ -81,14 +81,14 @@ def test_a_second_process_in_the_same_directory_is_refused_naming_the_first(
     holder = f"pid {first.pid} on {socket.gethostname()} (since "
     for argv in (run_args(tiny_model_dir, sentiment_dir, out), ["--resume", str(out)]):
         second = subprocess.run([sys.executable, SCRIPT, *argv], capture_output=True, text=True,
-                                timeout=300)
+                                timeout=HANG)
         errors = [line for line in second.stderr.splitlines() if line.startswith("error: ")]
         assert second.returncode == 2 and "Traceback" not in second.stderr
         assert len(errors) == 1 and errors[0].startswith(f"error: {out} is in use by {holder}")
         assert errors[0].endswith("wait for that run to end, or use another --output-dir")
     assert first.poll() is None  # the first run goes on, untouched
     first.send_signal(signal.SIGTERM)
-    stdout, stderr = first.communicate(timeout=120)
+    stdout, stderr = first.communicate(timeout=HANG)
     assert first.returncode == 143, stderr[-2000:]  # 128 + SIGTERM, as a shell reports it
     assert (out / ".lock").read_text() == ""  # a clean end leaves no stale lock
 
@@ -103,7 +103,7 @@ def test_a_lock_left_by_a_killed_run_does_not_block_the_next(tiny_model_dir, sen
     killed.wait()
     assert (out / ".lock").read_text().startswith(f"pid {killed.pid} on ")
     resumed = subprocess.run([sys.executable, SCRIPT, "--resume", str(out), "--epochs", "1"],
-                             capture_output=True, text=True, timeout=300)
+                             capture_output=True, text=True, timeout=HANG)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert (f"note: {out} had a stale lock (pid {killed.pid} on {socket.gethostname()}"
             in resumed.stdout and "no longer running): taking it over" in resumed.stdout)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import HANG, ROOT
 
 SOURCES = [ROOT / "finetune_electra.py", *sorted((ROOT / "tests").glob("*.py")),
            *sorted((ROOT / "benchmarks").glob("*.py"))]
@@ -39,5 +39,5 @@ def test_vermin_finds_nothing_newer_than_python_38():
         pytest.skip("vermin is not installed (it is in the requirements-*test.txt files)")
     proc = subprocess.run([str(vermin), "-t=3.8-", "--no-tips", "--violations",
                            "--eval-annotations", *map(str, SOURCES)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=HANG)
     assert proc.returncode == 0, proc.stdout[-3000:]

@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 import finetune_electra as fe
-from conftest import (ROOT, assert_accuracy_of_saved_model, cli_error, minilm_dir, summary_of,
-                      tiny_electra)
+from conftest import (HANG, ROOT, assert_accuracy_of_saved_model, cli_error, minilm_dir,
+                      summary_of, tiny_electra)
 
 # Micro-batches of 2 and 8 samples per optimizer step in every layout, the same
 # batches in the same order, static padding, no dropout: the runs must agree.
@@ -57,7 +57,7 @@ def torchrun_command(nproc, *argv):
 
 def torchrun(nproc, *argv):
     return subprocess.run(torchrun_command(nproc, *argv), capture_output=True, text=True,
-                          timeout=600)
+                          timeout=HANG)
 
 
 # Packed rows: up to 3 reviews of 7-47 tokens in each row of 64 (section 11 of the script).
@@ -182,7 +182,7 @@ RESUMABLE = ["--max-length", "32", "--padding", "max_length", "--group-by-length
              "--warmup-steps", "20", "--max-grad-norm", "0.5"]
 
 
-def kill_after_first_checkpoint(command, out, timeout=300):
+def kill_after_first_checkpoint(command, out, timeout=HANG):
     """Start a run in its own process group; at its first checkpoint, kill -9 the group."""
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
@@ -261,19 +261,19 @@ def test_a_stopped_torchrun_run_prints_the_torchrun_command_that_resumes_it(
     proc = subprocess.Popen(torchrun_command(2, *resumable_args("ddp", tiny_model_dir, sentiment_dir),
                                              "--output-dir", str(out)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
+    deadline = time.time() + HANG
     while not fe.list_checkpoints(out):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)  # to torchrun, which passes it on to its workers
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=HANG)
     assert "stopped by SIGTERM at epoch 1, step " in stdout, stderr[-3000:]
     command = stdout.split("resume with: ")[1].splitlines()[0]
     script = ROOT / "finetune_electra.py"
     assert command == f"torchrun --nproc-per-node 2 {script} --resume {out}"
     resumed = subprocess.run([sys.executable, "-m", "torch.distributed.run",  # = torchrun
                               *shlex.split(command)[1:]], capture_output=True, text=True,
-                             timeout=600)
+                             timeout=HANG)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_curve_and_weights(out, unbroken_ddp)
 
@@ -285,7 +285,7 @@ def test_a_resume_with_another_process_count_is_refused_with_the_command_that_wo
     out = tmp_path / "ddp"
     shutil.copytree(killed_ddp, out)
     alone = subprocess.run([sys.executable, str(ROOT / "finetune_electra.py"), "--resume", str(out)],
-                           capture_output=True, text=True, timeout=300)
+                           capture_output=True, text=True, timeout=HANG)
     assert alone.returncode == 2, alone.stderr[-3000:]
     assert "was written by 2 process(es), this run has 1: resume it as it ran, with torchrun " \
            f"--nproc-per-node 2 {ROOT / 'finetune_electra.py'} --resume {out}" in alone.stderr

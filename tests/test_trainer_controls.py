@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import finetune_electra as fe
-from conftest import IPU_ARGS, ROOT, WithIdentityLoss, cli_error, run_args, summary_of, tiny_electra
+from conftest import HANG, IPU_ARGS, ROOT, WithIdentityLoss, cli_error, run_args, summary_of, tiny_electra
 
 TRAINER_SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
@@ -364,7 +364,7 @@ def test_killed_mid_warm_up_then_resumed_equals_the_unbroken_run(tiny_model_dir,
     proc = subprocess.Popen([sys.executable, str(ROOT / "finetune_electra.py"),
                              *run_args(tiny_model_dir, sentiment_dir, out, *controls)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
+    deadline = time.time() + HANG
     while not fe.list_checkpoints(out):
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
         time.sleep(0.01)
