@@ -218,9 +218,9 @@ def trainers_early_stop(accuracies, patience):
 
 def test_eval_strategy_steps_evaluates_and_counts_every_eval_steps_only(
         monkeypatch, tiny_model_dir, sentiment_dir, tmp_path):
-    """50 steps an epoch, an evaluation every 15: none at the epoch ends (50, 100) unless at
-    a multiple of 15. Before, epoch ends evaluated too and counted toward the patience. The bar
-    has counted each step before the evaluation that follows it (before: after)."""
+    """25 steps an epoch, an evaluation every 10: none at the epoch ends (25, 75) unless at
+    a multiple of 10 (50). Before, epoch ends evaluated too and counted toward the patience.
+    The bar has counted each step before the evaluation that follows it (before: after)."""
     positions, mid_epoch = [], fe.Evaluations.mid_epoch
 
     def at_each_evaluation(self, evaluate):
@@ -229,15 +229,15 @@ def test_eval_strategy_steps_evaluates_and_counts_every_eval_steps_only(
     monkeypatch.setattr(fe.Evaluations, "mid_epoch", at_each_evaluation)
     out = tmp_path / "run"
     metrics = fe.main(run_args(tiny_model_dir, sentiment_dir, out, "--epochs", "3",
-                               "--eval-strategy", "steps", "--eval-steps", "15",
-                               "--eval-samples", "40", "--load-best-model-at-end",
-                               "--early-stopping-patience", "3"))
+                               "--train-samples", "200", "--eval-strategy", "steps",
+                               "--eval-steps", "10", "--eval-samples", "40",
+                               "--load-best-model-at-end", "--early-stopping-patience", "3"))
     evaluations = [m for m in fe.metric_lines(out) if "accuracy" in m]
-    assert all(m["step"] % 15 == 0 for m in evaluations)
-    assert all(("accuracy" in m) == (m["step"] % 15 == 0) for m in metrics)  # 50, 100: not
+    assert all(m["step"] % 10 == 0 for m in evaluations)
+    assert all(("accuracy" in m) == (m["step"] % 10 == 0) for m in metrics)  # 25, 75: not
     stop = trainers_early_stop([m["accuracy"] for m in evaluations], 3)
     assert (stop == len(evaluations) - 1 and evaluations[-1]["stopped_early"]) if stop is not None \
-        else evaluations[-1]["step"] == 150
+        else evaluations[-1]["step"] == 70
     eval_batches = 1  # 40 reviews, in one eval batch of 8 x 8
     assert positions == [(step, step + eval_batches * i) for i, (step, _) in enumerate(positions)]
 
