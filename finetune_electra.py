@@ -1771,7 +1771,9 @@ PACKING_WINDOW = 1000   # reviews packed together: enough to fill rows, still sh
 # which a resume may change: an epoch's rows must not depend on it.
 ROW_COUNT_EPOCHS = 3
 PACKABLE_MODELS = ("ElectraForSequenceClassification", "BertForSequenceClassification",
-                   "RobertaForSequenceClassification", "XLMRobertaForSequenceClassification")
+                   "RobertaForSequenceClassification", "XLMRobertaForSequenceClassification") + (
+    ("DistilBertForSequenceClassification",)  # 4.x: its model takes no position ids
+    if int(transformers.__version__.split(".")[0]) >= 5 else ())
 
 
 def packing_for(args, model, padding):
@@ -1966,9 +1968,12 @@ class PackedClassifier(torch.nn.Module):
 
 
 def classify_first_token(model, first_token):
-    if type(model).__name__ == "BertForSequenceClassification":
+    kind = type(model).__name__
+    if kind == "BertForSequenceClassification":
         return model.classifier(model.dropout(model.base_model.pooler(first_token)))
-    return model.classifier(first_token)  # ELECTRA's head reads the first token itself
+    if kind == "DistilBertForSequenceClassification":
+        return model.classifier(model.dropout(torch.relu(model.pre_classifier(first_token[:, 0]))))
+    return model.classifier(first_token)  # ELECTRA's and RoBERTa's heads read the first token
 
 
 # ----------------------------------------------------------------------------
