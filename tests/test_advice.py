@@ -228,14 +228,13 @@ def test_too_few_samples_for_a_step_use_a_smaller_batch(capsys, tiny_model_dir, 
 
 def test_a_head_packing_does_not_know_use_padding_max_length(capsys, tiny_model_dir,
                                                              sentiment_dir, tmp_path):
-    from transformers import AutoTokenizer, RobertaConfig, RobertaForSequenceClassification
-    RobertaForSequenceClassification(RobertaConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=130)).save_pretrained(tmp_path / "roberta")
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "roberta")
-    err = cli_error(capsys, run_args(tmp_path / "roberta", sentiment_dir, tmp_path / "a", *QUICK,
+    from transformers import AutoTokenizer
+    from test_families import tiny_classifier
+    tiny_classifier("deberta-v2").save_pretrained(tmp_path / "deberta")  # RoBERTa packs (38)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "deberta")
+    err = cli_error(capsys, run_args(tmp_path / "deberta", sentiment_dir, tmp_path / "a", *QUICK,
                                      "--padding", "packed"))
-    follow(capsys, run_args(tmp_path / "roberta", sentiment_dir, tmp_path / "b", *QUICK,
+    follow(capsys, run_args(tmp_path / "deberta", sentiment_dir, tmp_path / "b", *QUICK,
                             *flags_after(err, "use ")))
 
 
