@@ -2251,8 +2251,8 @@ class Run:
         state, step = self.state, self.state["global_step"]
         figures, eval_seconds = evaluate() if self.plan.evaluates(step) else ({}, 0)
         complete = state["step"] == self.plan.per_epoch
-        counted = figures and (complete or self.plan.evaluates_mid_epoch(step))
-        if counted:
+        recorded = figures and (complete or self.plan.evaluates_mid_epoch(step))
+        if recorded:
             self.evaluations.record(figures, eval_seconds)
         if complete:
             state["loss_curve"] += self.progress.interval_reading()  # its last steps, however few
@@ -2268,7 +2268,7 @@ class Run:
         self.progress.write_results(extra=[] if complete else [dict(line, partial=True)])
         if self.checkpoints.held:
             self.checkpoints.save()
-        if counted:
+        if recorded:
             self.evaluations.stop_if_no_better()
 
     def close(self, stopping=False):
