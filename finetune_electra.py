@@ -703,14 +703,14 @@ def add_output_arguments(p):
 
 def parse_args(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = trainer_values(parser.parse_args(argv))
     if args.resume:
         args.resume = resolve_resume_dir(args.resume, args.output_dir)
         # Continue with the run's settings as last asked (args.json and what each resume
         # changed); anything given again on this command line wins.
         saved = run_settings(args.resume)
         parser.set_defaults(**{k: v for k, v in saved.items() if k not in NOT_RESUMED})
-        resumed = parser.parse_args(argv)
+        resumed = trainer_values(parser.parse_args(argv))
         if resumed.model != saved["model"]:
             raise FinetuneError(f"{args.resume} was trained from --model {saved['model']}, "
                                 f"not {resumed.model}: resume it without --model")
@@ -718,10 +718,10 @@ def parse_args(argv=None):
             raise FinetuneError("--overwrite starts a new run and --resume continues one: "
                                 "give one of them")
         resumed.resume, resumed.output_dir = args.resume, str(args.resume)
-        args = trainer_values(resumed)
-        args.changes = resume_changes(saved, args)
+        resumed.changes = resume_changes(saved, resumed)
+        args = resumed
         refuse_finished_resume(args)
-    check_ranges(trainer_values(args))
+    check_ranges(args)
     if (args.texts or args.predict_file) and not args.predict:
         raise FinetuneError("texts to classify (or --predict-file) need --predict MODEL_DIR")
     return args
@@ -872,19 +872,19 @@ def check_ranges(args):
 
 def check_device_args(args):
     """Flags this device cannot honour, refused before minutes of loading."""
+    in_pipeline = "RANK" in os.environ and args.stages > 1  # torchrun's pipeline stages
     if args.device == "ipu":
         check_ipu_args(args)
     elif args.replicas > 1:
         raise FinetuneError("--replicas is for IPUs; on CUDA/CPU start one process per replica "
                             "with torchrun (see the README)")
-    elif "RANK" in os.environ and args.stages > 1 and (args.fp16 or args.bf16 == "yes"):
+    elif in_pipeline and (args.fp16 or args.bf16 == "yes"):
         raise FinetuneError(f"{'--fp16' if args.fp16 else '--bf16 yes'}: torchrun's pipeline "
                             "stages are traced in float32; use --stages 1 (data parallel)")
-    if "," in args.text_column and "RANK" in os.environ and args.stages > 1:
+    if "," in args.text_column and in_pipeline:
         raise FinetuneError("torchrun pipelines take single texts, not sentence pairs yet: use "
                             "--stages 1 (data parallel)")
-    if args.eval_batch_size and (args.device == "ipu" or ("RANK" in os.environ
-                                                          and args.stages > 1)):
+    if args.eval_batch_size and (args.device == "ipu" or in_pipeline):
         raise FinetuneError("--eval-batch-size: on IPUs and in torchrun pipelines an eval "
                             "batch is --batch-size x --device-iterations (static shapes); leave "
                             "it out")
@@ -968,6 +968,7 @@ class Ranks:
 
 
 TORCH_VERSION = tuple(int(part) for part in torch.__version__.split(".")[:2])  # (2, 13)
+TRANSFORMERS_VERSION = tuple(int(part) for part in transformers.__version__.split(".")[:2])
 
 
 def setup_distributed(args, device):
@@ -1773,7 +1774,7 @@ ROW_COUNT_EPOCHS = 3
 PACKABLE_MODELS = ("ElectraForSequenceClassification", "BertForSequenceClassification",
                    "RobertaForSequenceClassification", "XLMRobertaForSequenceClassification") + (
     ("DistilBertForSequenceClassification",)  # 4.x: its model takes no position ids
-    if int(transformers.__version__.split(".")[0]) >= 5 else ())
+    if TRANSFORMERS_VERSION >= (5, 0) else ())
 
 
 def packing_for(args, model, padding):
@@ -1908,7 +1909,7 @@ class PackedRows(torch.utils.data.Dataset):
 
 # transformers 5 takes a 4D additive mask as given; 4.x (the IPU host's) takes a
 # 3D 0/1 mask and makes the 4D one itself. Either way it is block-diagonal.
-ADDITIVE_4D_MASK = int(transformers.__version__.split(".")[0]) >= 5
+ADDITIVE_4D_MASK = TRANSFORMERS_VERSION >= (5, 0)
 
 
 def packed_attention(review_of_token, position_ids, per_row, dtype):
@@ -2229,7 +2230,7 @@ class Run:
             step = state["global_step"]
             if self.plan.ends_epoch(step):
                 continue
-            if self.plan.evaluates(step):  # before a checkpoint here: it holds the result
+            if self.plan.evaluates_mid_epoch(step):  # before a checkpoint: it holds the result
                 self.evaluations.mid_epoch(self.evaluate)
                 self.progress.write_results()  # on disk at once: a kill does not lose it
                 self.last = time.perf_counter()  # evaluating is not training time
@@ -3061,14 +3062,21 @@ def write_model_files(folder, weights, config, tokenizer, extra):
 def write_model_dir(final, weights, config, tokenizer, extra):
     """write_model_files into a temporary directory renamed into place: a kill mid-write
     leaves the previous one."""
-    tmp, old = final.with_name(f".{final.name}.tmp"), final.with_name(f".{final.name}.old")
-    for leftover in (tmp, old):
-        shutil.rmtree(leftover, ignore_errors=True)
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     write_model_files(tmp, weights, config, tokenizer, extra)
+    move_into_place(tmp, final)
+
+
+def move_into_place(source, final):
+    """Rename a directory to `final`, the one there set aside first and removed after: a
+    kill in between leaves one of them whole."""
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         os.rename(final, old)
-    os.rename(tmp, final)
+    os.rename(source, final)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -3268,12 +3276,7 @@ def keep_best_model(out_dir, model, best, say):
                             f"{best['step']}); it was removed or damaged")
     if held[0] != final:
         with writing(f"the best model to {final}"):
-            old = out_dir / ".model.old"
-            shutil.rmtree(old, ignore_errors=True)
-            if final.exists():
-                os.rename(final, old)
-            os.rename(held[0], final)
-            shutil.rmtree(old, ignore_errors=True)
+            move_into_place(held[0], final)
     drop_overwritten(out_dir)
     model.load_state_dict(load_file(final / "model.safetensors"), strict=False)
     figures = (f"accuracy {best['accuracy']:.3f}, f1 {best['f1']:.3f}, "
