@@ -2661,7 +2661,7 @@ class StopRequest:
     """Ctrl-C or SIGTERM: finish the current step, save, and exit cleanly.
 
     A second one stops at once, but never inside a save: a checkpoint, once begun, is
-    written whole first. Signals are kept by number (the exit code is 128 + it).
+    written whole first. Once the stop is under way, any further one is ignored. Signals are kept by number (the exit code is 128 + it).
     """
 
     def __init__(self):
@@ -2711,6 +2711,7 @@ def exit_on_stop(run, why):
     """Save (unless a second signal asked to stop at once), say how to resume, and exit
     as a process ended by that signal does: 128 + its number (SIGINT 130, SIGTERM 143)."""
     signum, save = why.args[0], isinstance(why, Interrupted)
+    run.stop.restore(stopping=True)  # the stop is under way: a further signal cannot cut it
     path = (run.checkpoints.save(then_stop=False) if save and run.checkpoints.mid_epoch
             else run.checkpoints.newest())
     run.progress.write_results()  # all it measured, up to the stop

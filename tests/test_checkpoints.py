@@ -1,6 +1,7 @@
 """Nothing lost: checkpoints, resume after a kill or Ctrl-C, bad numbers, predict, plot."""
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -356,6 +357,46 @@ def test_a_second_ctrl_c_inside_a_save_waits_for_the_checkpoint(unbroken, tiny_m
                              capture_output=True, text=True, timeout=HANG)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_run(unbroken, out)
+
+
+SIGNAL_IN_THE_STOP = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import finetune_electra as fe
+handle, write = fe.StopRequest.handle, fe.write_results
+stopping = []
+
+def noted(self, signum, frame):
+    stopping.append(signum)
+    handle(self, signum, frame)
+
+def interrupted_write(*args, **kwargs):  # the stop writes its metrics: a Ctrl-C lands there
+    if stopping:
+        os.kill(os.getpid(), signal.SIGINT)
+    write(*args, **kwargs)
+
+fe.StopRequest.handle, fe.write_results = noted, interrupted_write
+sys.exit(fe.run_as_script())
+"""
+
+
+def test_a_ctrl_c_while_the_stop_writes_its_metrics_is_ignored(tiny_model_dir, sentiment_dir,
+                                                               tmp_path):
+    """A CI run: the second Ctrl-C landed in the stop's metrics (importing matplotlib) and
+    ended it in a StopNow traceback, exit 1. Now the stop under way finishes: exit 130."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SIGNAL_IN_THE_STOP.format(root=str(ROOT)),
+         *run_args(tiny_model_dir, sentiment_dir, out, "--batch-size", "4", "--save-every", "10")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_checkpoint(proc, out)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=HANG)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    stopped = re.search(r"stopped by SIGINT at epoch 1, step (\d+);", stdout)
+    assert stopped, stdout[-2000:]
+    loss_curve = json.loads((out / "loss_curve.json").read_text())  # the stop's, to its step
+    assert loss_curve[-1][0] == int(stopped[1]) and (out / "curves.png").is_file()
 
 
 def test_two_quick_ctrl_c_in_training_stop_cleanly_and_keep_a_checkpoint(
