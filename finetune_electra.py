@@ -9,7 +9,7 @@ iterations and output (anchor) modes; on CUDA or CPU, the same recipe in plain P
     python finetune_electra.py                        # the tutorial's recipe
     python finetune_electra.py --model DIR --dataset DIR --train-samples 2000
 
-Part one, up to the banner "Part two" at line 460, is the tutorial in its order:
+Part one, up to the banner "Part two" at line 458, is the tutorial in its order:
     1. Data: IMDB, tokenized           3. Pipeline stages: which layer on which IPU
     2. Model: ELECTRA, a new head      4. The IPU flow, in one function: finetune_on_ipus()
     5. finetune() and main(): what runs, and on which device
@@ -21,6 +21,7 @@ progress, checkpoints, results, the CUDA/CPU flow, torchrun's pipelines, predict
 
 import argparse
 import codecs
+import collections
 import contextlib
 import fcntl
 import functools
@@ -301,17 +302,14 @@ def validate_on_ipus(inference_model, eval_loader, eval_reviews, labels, progres
     if between is not None:
         between.detachFromDevice()
     inference_model.attachToDevice()
-    start, predictions, losses = time.perf_counter(), [], []
-    for batch in eval_loader:
-        _, logits = inference_model(**batch)
-        predictions.append(logits.argmax(-1))
-        losses.append(eval_losses(logits, batch["labels"]))
-        progress.advance(1)  # the bar counts eval batches too
+    # Each batch's logits (the wrapper returns loss, logits), as the CUDA/CPU flow's
+    # evaluate() counts them: accuracy_score over every review, the bar advancing.
+    figures = evaluate(lambda batch: inference_model(**batch)[1], eval_loader, eval_reviews,
+                       labels, progress)
     inference_model.detachFromDevice()
     if between is not None:
         between.attachToDevice()
-    return (evaluation_of(torch.cat(predictions).numpy().reshape(-1), torch.cat(losses).numpy(),
-                          eval_reviews.reshape(-1), labels), time.perf_counter() - start)
+    return figures
 
 
 def finetune_on_ipus(args, model, plan, data, run):
@@ -329,7 +327,7 @@ def finetune_on_ipus(args, model, plan, data, run):
     # reviews, packed afresh each epoch, shuffled and in step order (section 11).
     step_rows = args.batch_size * accumulation * args.replicas
     host_batch = step_rows * args.device_iterations
-    require_train_samples(data, host_batch, f"one IPU host batch ({args.batch_size} x "
+    data.require_train(host_batch, f"one IPU host batch ({args.batch_size} x "
                           f"{args.device_iterations} device iterations x {accumulation} accumulated"
                           + (f" x {args.replicas} replicas)" if args.replicas > 1 else ")"))
     train_set = data.train_dataset(step_rows, accumulation * args.replicas, multiple=host_batch)
@@ -365,12 +363,12 @@ def finetune_on_ipus(args, model, plan, data, run):
     # Checkpoints: the host's weights and PopTorch's optimizer state; --resume loads them here.
     run.checkpoints.hold(model, optimizer, mid_epoch=False)
     run.checkpoints.resume_if_asked()
-    run.start(model, steps_per_epoch=len(train_loader) * args.device_iterations,
-              multiple=args.device_iterations, eval_batches=len(eval_loader),
-              step_rows=step_rows, accumulation=accumulation, **ipu_summary(args, host_batch, data))
     validate = functools.partial(validate_on_ipus, inference_model, eval_loader, eval_reviews,
                                  data.eval_labels, run.progress)
-    run.evaluate = functools.partial(validate, between=training_model)  # for --eval-steps
+    run.start(model, steps_per_epoch=len(train_loader) * args.device_iterations,
+              evaluate=functools.partial(validate, between=training_model),  # --eval-steps
+              multiple=args.device_iterations, eval_batches=len(eval_loader),
+              step_rows=step_rows, accumulation=accumulation, **ipu_summary(args, host_batch, data))
     for epoch in run.epochs():
         data.pack_epoch(epoch)
         shuffle.manual_seed(args.seed + epoch)
@@ -402,11 +400,11 @@ def finetune(args, device, ranks):
 
     ranks: this process's place among torchrun's processes (alone: rank 0 of 1)."""
     on_ipu = args.device == "ipu"
-    say = one_voice(ranks)  # rank 0 speaks for all
+    say = ranks.voice()  # rank 0 speaks for all
     padding = choose_padding(args, static=on_ipu or ranks.stages > 1)
     check_output_dir(args)  # in use, or holding another run: refused before any loading
-    seed_everything(args.seed)
-    with main_process_first(ranks):  # rank 0 fills the datasets cache, the others read it
+    transformers.set_seed(args.seed)  # Python's, NumPy's and torch's generators
+    with ranks.main_first():  # rank 0 fills the datasets cache, the others read it
         data, model, tokenizer = load_data_and_model(args, padding, say, eager_attention=on_ipu)
     if ranks.enabled:  # same initial weights everywhere, but each rank its own dropout masks
         torch.manual_seed(args.seed + ranks.rank)
@@ -502,11 +500,10 @@ def yes_or_no(text):
     return value
 
 
-def auto_yes_no(text):  # --bf16, --group-by-length: auto, or the Trainer's boolean
-    return text if text == "auto" else "yes" if yes_or_no(text) else "no"
-
-
 TRAINER_BOOL = dict(nargs="?", const=True, default=False, type=yes_or_no)
+# --bf16, --group-by-length: auto, or the Trainer's boolean.
+AUTO_YES_NO = dict(choices=["auto", "yes", "no"], default="auto", nargs="?", const="yes",
+                   type=lambda v: v if v == "auto" else "yes" if yes_or_no(v) else "no")
 RATIO_HELP = "a number below 1 is a ratio of all training steps, as in the Trainer"
 DEVICES = ("auto", "ipu", "cuda", "cpu")
 
@@ -551,8 +548,7 @@ def build_parser():
                       "IPU/pipelines, buckets on CUDA, dynamic on CPU")
     data.add_argument("--max-per-row", type=int, default=None, help="--padding packed: at "
                       f"most this many texts in a row (default {PACKED_MAX_PER_ROW})")
-    data.add_argument("--group-by-length", choices=["auto", "yes", "no"], default="auto",
-                      nargs="?", const="yes", type=auto_yes_no,
+    data.add_argument("--group-by-length", **AUTO_YES_NO,
                       help="batch texts of similar length together (auto: with dynamic padding)")
     data.add_argument("--train-sampling-strategy", dest="group_by_length",
                       choices=["auto", "yes", "no"], default=argparse.SUPPRESS,
@@ -618,8 +614,7 @@ def add_training_arguments(p):
     train.add_argument("--cuda-graphs", choices=["auto", "yes", "no"], default="auto",
                        help="replay each train and eval step as a CUDA graph (auto: on one CUDA "
                        "process with static shapes)")
-    train.add_argument("--bf16", choices=["auto", "yes", "no"], default="auto", nargs="?",
-                       const="yes", type=auto_yes_no,
+    train.add_argument("--bf16", **AUTO_YES_NO,
                        help="bfloat16 autocast (auto: the card's best: bfloat16 on CUDA compute "
                        "capability 8.0 and newer, else float16 with loss scaling; CPU float32)")
     train.add_argument("--fp16", **TRAINER_BOOL,
@@ -749,57 +744,6 @@ NOT_RESUMED = ("resume", "texts", "overwrite", "output_dir")
 FIXED_ON_RESUME = ("model", "dataset", "text_column", "label_column", "label_names",
                    "train_samples", "eval_samples", "max_length", "padding", "max_per_row",
                    "batch_size", "gradient_accumulation", "stages", "replicas", "seed")
-
-
-def run_settings(out_dir):
-    """A run's settings as last asked: args.json (how it started) with each resume's
-    changes (resumes.jsonl) applied in order."""
-    settings = read_json(out_dir / "args.json")
-    if (out_dir / "resumes.jsonl").is_file():
-        for line in read_text(out_dir / "resumes.jsonl").splitlines():
-            try:
-                changed = json.loads(line)["changed"]
-            except (ValueError, KeyError, TypeError):
-                raise FinetuneError(f"{out_dir / 'resumes.jsonl'} is damaged (a line is not a "
-                                    "resume record)") from None
-            settings.update({k: new for k, (_, new) in changed.items()})
-    return settings
-
-
-def metric_lines(out_dir):
-    """metrics.jsonl: a line per epoch, and per evaluation between epoch ends (an unreadable
-    file: none)."""
-    try:
-        return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    except (OSError, ValueError):
-        return []
-
-
-def epoch_lines(lines):
-    """Of metric_lines, those of finished epochs (evaluations between them have no train_loss;
-    an epoch the run ended early is `partial`)."""
-    return [m for m in lines if "train_loss" in m and not m.get("partial")]
-
-
-def epochs_done(out_dir):
-    return epoch_lines(metric_lines(out_dir))
-
-
-def refuse_finished_resume(args):
-    """--resume of a finished run (is_finished): nothing on disk changes."""
-    lines = metric_lines(args.resume)
-    if is_finished(args.resume, vars(args), lines):
-        done, steps = len(epoch_lines(lines)), steps_trained(args.resume)
-        more = (f"it stopped early at step {lines[-1]['step']:,}; start a new run to train on"
-                if any(m.get("stopped_early") for m in lines) else
-                f"pass --max-steps {args.max_steps * 2} to train on" if args.max_steps else
-                f"pass --epochs {math.floor(args.epochs) + 1} to train on")
-        trained = (f"{steps:,} of --max-steps {args.max_steps:,} optimizer steps"
-                   if args.max_steps else f"{done} of {args.epochs:g} epochs")
-        accuracy = [m["accuracy"] for m in lines if "accuracy" in m][-1:]
-        raise NothingToDo(f"{args.resume} holds a finished run ({trained}"
-                          + "".join(f", accuracy {a:.3f}" for a in accuracy)
-                          + "): nothing to resume; " + more)
 
 
 def resume_changes(saved, args):
@@ -966,6 +910,38 @@ class Ranks:
         self.pp_group = self.dp_group = None
         self.device = torch.device("cpu")  # where collectives' tensors live
 
+    def describe(self, device):
+        if not self.enabled:
+            return str(device)
+        return (f"{device.type}, torchrun: {self.world} ranks = {self.replicas} replica(s) x "
+                f"{self.stages} stage(s)")
+
+    def voice(self):
+        """print on rank 0, which speaks for all; the other ranks, datasets and transformers
+        included, keep quiet."""
+        if self.is_main:
+            return print
+        datasets.disable_progress_bars()
+        transformers.logging.set_verbosity_error()
+        return lambda *_, **__: None
+
+    @contextlib.contextmanager
+    def main_first(self):
+        """Rank 0 tokenizes first and fills the datasets cache; the others read it."""
+        if self.enabled and not self.is_main:
+            dist.barrier()
+        yield
+        if self.enabled and self.is_main:
+            dist.barrier()
+
+    def mean_over_replicas(self, value):
+        """A loss as the whole optimizer step saw it: averaged over the replicas."""
+        if self.replicas > 1:
+            value = value.clone()
+            dist.all_reduce(value, group=self.dp_group)
+            value /= self.replicas
+        return value
+
 
 TORCH_VERSION = tuple(int(part) for part in torch.__version__.split(".")[:2])  # (2, 13)
 TRANSFORMERS_VERSION = tuple(int(part) for part in transformers.__version__.split(".")[:2])
@@ -1008,41 +984,9 @@ def ipu_summary(args, host_batch, data):
                        "executable cache": args.executable_cache})
 
 
-def describe_device(device, ranks):
-    if not ranks.enabled:
-        return str(device)
-    return (f"{device.type}, torchrun: {ranks.world} ranks = {ranks.replicas} replica(s) x "
-            f"{ranks.stages} stage(s)")
-
-
-def one_voice(ranks):
-    """print on rank 0, which speaks for all; the other ranks, datasets and transformers
-    included, keep quiet."""
-    if ranks.is_main:
-        return print
-    datasets.disable_progress_bars()
-    transformers.logging.set_verbosity_error()
-    return lambda *_, **__: None
-
-
-@contextlib.contextmanager
-def main_process_first(ranks):
-    """Rank 0 tokenizes first and fills the datasets cache; the others read it."""
-    if ranks.enabled and not ranks.is_main:
-        dist.barrier()
-    yield
-    if ranks.enabled and ranks.is_main:
-        dist.barrier()
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 # ----------------------------------------------------------------------------
-# 8. The output directory: one run in each, locked while it runs.
+# 8. The output directory: one run in each, locked while it runs; its life (finished or
+#    not, set aside by --overwrite and put back, resumed) read from its files.
 # ----------------------------------------------------------------------------
 
 @contextlib.contextmanager
@@ -1098,7 +1042,7 @@ class DirectoryLock:
             self.file.seek(0)
             holder = self.file.read().strip() or "another process"
             self.file.close()
-            raise in_use(out_dir, holder) from None
+            raise DirectoryLock.in_use(out_dir, holder) from None
         self.file.seek(0)
         left = self.file.read().strip()
         if left:
@@ -1112,23 +1056,23 @@ class DirectoryLock:
         self.file.truncate(0)  # a run that ends cleanly leaves no stale lock
         self.file.close()      # and closing drops the flock
 
+    @staticmethod
+    def holder(out_dir):
+        """Who holds the directory's lock now (its text), or None; takes nothing."""
+        try:
+            with open(out_dir / ".lock") as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return f.read().strip() or "another process"
+        except OSError:  # no lock file: no run there yet
+            pass
+        return None
 
-def lock_holder(out_dir):
-    """Who holds the directory's lock now (its text), or None; takes nothing."""
-    try:
-        with open(out_dir / ".lock") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return f.read().strip() or "another process"
-    except OSError:  # no lock file: no run there yet
-        pass
-    return None
-
-
-def in_use(out_dir, holder):
-    return FinetuneError(f"{out_dir} is in use by {holder}: wait for that run to end, or use "
-                         "another --output-dir")
+    @staticmethod
+    def in_use(out_dir, holder):
+        return FinetuneError(f"{out_dir} is in use by {holder}: wait for that run to end, or "
+                             "use another --output-dir")
 
 
 BEST = "best"  # --load-best-model-at-end: the best evaluation's model
@@ -1164,9 +1108,9 @@ def check_output_dir(args):
     now (and again when the run takes it, under its lock)."""
     if args.output_dir:
         out_dir = Path(args.output_dir)
-        holder = lock_holder(out_dir)
+        holder = DirectoryLock.holder(out_dir)
         if holder:
-            raise in_use(out_dir, holder)
+            raise DirectoryLock.in_use(out_dir, holder)
         if not args.resume:
             refuse_held_run(args, out_dir)
 
@@ -1198,7 +1142,8 @@ def describe_run(out_dir):
     epochs = settings.get("epochs", "?")
     if is_finished(out_dir, settings, lines):
         accuracy = [m["accuracy"] for m in lines if "accuracy" in m][-1:]
-        trained = (f"{steps_trained(out_dir):,} optimizer steps" if settings.get("max_steps")
+        steps = newest_state(out_dir).get("global_step", 0)
+        trained = (f"{steps:,} optimizer steps" if settings.get("max_steps")
                    else f"{epochs:g} epoch{'s' if epochs != 1 else ''}")
         return f"a finished run: {trained}" + "".join(f", accuracy {a:.3f}" for a in accuracy)
     newest = f"newest checkpoint {checkpoints[-1].name}" if checkpoints else "no checkpoint"
@@ -1232,10 +1177,6 @@ def newest_state(out_dir):
         return {}
 
 
-def steps_trained(out_dir):
-    return newest_state(out_dir).get("global_step", 0)
-
-
 def set_aside(out_dir):
     """--overwrite: move the run's files into DIR/.overwritten (a rename, nothing copied).
     Where one is there already, the run now on top is a replacement that stopped before
@@ -1254,6 +1195,115 @@ def set_aside(out_dir):
 def drop_overwritten(out_dir):
     """The new run has a checkpoint (or its model): the run it replaced can go."""
     shutil.rmtree(Path(out_dir) / OVERWRITTEN, ignore_errors=True)
+
+
+def run_settings(out_dir):
+    """A run's settings as last asked: args.json (how it started) with each resume's
+    changes (resumes.jsonl) applied in order."""
+    settings = read_json(out_dir / "args.json")
+    if (out_dir / "resumes.jsonl").is_file():
+        for line in read_text(out_dir / "resumes.jsonl").splitlines():
+            try:
+                changed = json.loads(line)["changed"]
+            except (ValueError, KeyError, TypeError):
+                raise FinetuneError(f"{out_dir / 'resumes.jsonl'} is damaged (a line is not a "
+                                    "resume record)") from None
+            settings.update({k: new for k, (_, new) in changed.items()})
+    return settings
+
+
+def metric_lines(out_dir):
+    """metrics.jsonl: a line per epoch, and per evaluation between epoch ends (an unreadable
+    file: none)."""
+    try:
+        return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    except (OSError, ValueError):
+        return []
+
+
+def epoch_lines(lines):
+    """Of metric_lines, those of finished epochs (evaluations between them have no train_loss;
+    an epoch the run ended early is `partial`)."""
+    return [m for m in lines if "train_loss" in m and not m.get("partial")]
+
+
+def refuse_finished_resume(args):
+    """--resume of a finished run (is_finished): nothing on disk changes."""
+    lines = metric_lines(args.resume)
+    if is_finished(args.resume, vars(args), lines):
+        done, steps = len(epoch_lines(lines)), newest_state(args.resume).get("global_step", 0)
+        more = (f"it stopped early at step {lines[-1]['step']:,}; start a new run to train on"
+                if any(m.get("stopped_early") for m in lines) else
+                f"pass --max-steps {args.max_steps * 2} to train on" if args.max_steps else
+                f"pass --epochs {math.floor(args.epochs) + 1} to train on")
+        trained = (f"{steps:,} of --max-steps {args.max_steps:,} optimizer steps"
+                   if args.max_steps else f"{done} of {args.epochs:g} epochs")
+        accuracy = [m["accuracy"] for m in lines if "accuracy" in m][-1:]
+        raise NothingToDo(f"{args.resume} holds a finished run ({trained}"
+                          + "".join(f", accuracy {a:.3f}" for a in accuracy)
+                          + "): nothing to resume; " + more)
+
+
+def resolve_resume_dir(value, output_dir=None):
+    """The run directory --resume names: a directory, 'auto', or as the Trainer's
+    --resume-from-checkpoint, 'true' (--output-dir's run) or a checkpoint (its newest)."""
+    if value.lower() == "true" and output_dir:
+        value = output_dir
+    path = newest_unfinished_run() if value == "auto" else Path(value)
+    if path.parent.name == "checkpoints" and (path / "state.json").is_file():
+        newest = list_checkpoints(path.parent.parent)[-1]
+        if newest.name != path.name:
+            raise FinetuneError(f"--resume {path}: a run continues from its newest checkpoint, "
+                                f"{newest}; to train from this one, pass --model {path} in a "
+                                "new --output-dir")
+        path = path.parent.parent
+    if (path / OVERWRITTEN).is_dir() and not list_checkpoints(path):
+        put_back(path)
+    finished = (path / "args.json").is_file() and is_finished(path, settings_or_none(path),
+                                                             metric_lines(path))
+    if not finished and (not (path / "args.json").is_file() or not list_checkpoints(path)):
+        raise FinetuneError(f"--resume {path}: no checkpoint there (expected args.json "
+                            "and checkpoints/step-*)")
+    return path
+
+
+def newest_unfinished_run():
+    """--resume auto: of the runs under runs/ with a checkpoint, the newest not finished."""
+    runs = sorted((d for d in Path("runs").glob("*") if list_checkpoints(d)),
+                  key=lambda d: list_checkpoints(d)[-1].stat().st_mtime)
+    if not runs:
+        raise FinetuneError("--resume auto: no run with a checkpoint under runs/")
+    unfinished = [d for d in runs
+                  if not is_finished(d, settings_or_none(d), metric_lines(d))]
+    if not unfinished:
+        raise NothingToDo(f"--resume auto: every run under runs/ is finished; the newest is "
+                          f"{runs[-1]} ({describe_run(runs[-1])})")
+    return unfinished[-1]
+
+
+def settings_or_none(out_dir):
+    try:
+        settings = run_settings(out_dir)
+    except FinetuneError:  # damaged: a run all the same, whose settings are unknown
+        return {}
+    return settings if isinstance(settings, dict) else {}
+
+
+def put_back(out_dir):
+    """--resume of a directory whose --overwrite replacement stopped before its first
+    checkpoint: the run that was set aside comes back, and the replacement's files go."""
+    kept, lock = out_dir / OVERWRITTEN, DirectoryLock(out_dir, print)  # not while one runs
+    try:
+        for name in RUN_FILES:
+            path = out_dir / name
+            if path.exists():
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if (kept / name).exists():
+                os.rename(kept / name, path)
+        shutil.rmtree(kept)
+    finally:
+        lock.release()
+    print(f"put back the run that --overwrite had set aside in {kept} ({describe_run(out_dir)})")
 
 
 # ----------------------------------------------------------------------------
@@ -1346,18 +1396,16 @@ def naming_unreadable(kind, files, split, root):
             exc = exc.__cause__ or exc.__context__
         if "corresponds to no data" in str(exc):
             raise FinetuneError(f"the {split} split is empty ({', '.join(files)})") from None
-        culprit = next((f for f in files if len(files) > 1 and not readable(kind, f, split, root)),
-                       files[0])
+
+        def unreadable(data_file):  # read alone: is it the one the reader failed on?
+            try:
+                read_files(kind, [data_file], split, root)
+            except FinetuneError:
+                return True
+            return False
+        culprit = next((f for f in files if len(files) > 1 and unreadable(f)), files[0])
         raise FinetuneError(f"could not read the {split} files in {root}: {Path(culprit).name} "
                             f"({first_line(exc)})") from None
-
-
-def readable(kind, data_file, split, root):
-    try:
-        read_files(kind, [data_file], split, root)
-    except FinetuneError:
-        return False
-    return True
 
 
 def select_splits(raw, text_column, label_column):
@@ -1380,8 +1428,16 @@ def select_splits(raw, text_column, label_column):
                                 f"{', '.join(ds.column_names)} (use --text-column/--label-column)")
         if len(ds) == 0:
             raise FinetuneError(f"the {split} split is empty")
+        texts = [name for name, f in ds.features.items() if isinstance(f, datasets.Value)
+                 and f.dtype in ("string", "large_string")]
         for column in text_columns:
-            check_text_column(ds, column, split)
+            if column not in texts:  # the tokenizer takes text only: else it fails mid-map
+                feature = ds.features[column]
+                kind = feature.dtype if isinstance(feature, datasets.Value) else \
+                    type(feature).__name__
+                raise FinetuneError(f"--text-column {column}: in the {split} split it holds "
+                                    f"{kind}, not text; columns of text: "
+                                    + (", ".join(texts) or "none"))
             if ds.data.column(column).null_count or ds.data.column(label_column).null_count:
                 raise FinetuneError(f"the {split} split has empty (null) values in "
                                     f"{column!r} or {label_column!r}")
@@ -1393,17 +1449,6 @@ def takes_token_types(model, pairs):
     pairs, where it has a table of two types or more (BERT, ELECTRA, ALBERT; RoBERTa's has
     one, DistilBERT and the decoders none)."""
     return pairs and getattr(model.config, "type_vocab_size", 0) >= 2
-
-
-def check_text_column(ds, text_column, split):
-    """The tokenizer takes text only: another column fails deep inside it, mid-map."""
-    feature = ds.features[text_column]
-    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
-        kind = feature.dtype if isinstance(feature, datasets.Value) else type(feature).__name__
-        texts = [name for name, f in ds.features.items() if isinstance(f, datasets.Value)
-                 and f.dtype in ("string", "large_string")]
-        raise FinetuneError(f"--text-column {text_column}: in the {split} split it holds {kind}, "
-                            "not text; columns of text: " + (", ".join(texts) or "none"))
 
 
 def encode_labels(splits, label_column, label_names=None):
@@ -1695,6 +1740,11 @@ class Data:
         self.train_set = train  # what the training loader indexes
         self.rows_per_epoch = None  # packed: the same row count every epoch
 
+    def require_train(self, needed, what):
+        if len(self.train) < needed:
+            raise FinetuneError(f"the train split has {len(self.train)} samples, fewer than "
+                                f"{what} ({needed}): use more data or a smaller batch")
+
     def train_dataset(self, step_rows, micro_batches, multiple):
         """What the training loader reads: the reviews (the tutorial), or with --padding packed
         rows of them, `multiple` rows at a time, `step_rows` per optimizer step."""
@@ -1740,12 +1790,6 @@ class Data:
         """Packed: text tokens / row tokens in training, as packed or as padded to max_length."""
         rows = len(self.train_set) if packed else len(self.train)
         return sum(self.train_lengths) / (rows * self.packing.max_length)
-
-
-def require_train_samples(data, needed, what):
-    if len(data.train) < needed:
-        raise FinetuneError(f"the train split has {len(data.train)} samples, fewer than {what} "
-                            f"({needed}): use more data or a smaller batch")
 
 
 # ----------------------------------------------------------------------------
@@ -1934,12 +1978,6 @@ def packed_attention(review_of_token, position_ids, per_row, dtype):
     return mask, first_token
 
 
-def packed_loss(logits, labels, loss_weights):
-    per_review = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(),
-                                                   ignore_index=-100, reduction="none")
-    return (per_review * loss_weights.flatten()).sum()
-
-
 class PackedClassifier(torch.nn.Module):
     """A classifier of packed rows, called as the Hugging Face model is: logits and
     labels have a slot dimension (rows, --max-per-row, ...)."""
@@ -1962,19 +2000,25 @@ class PackedClassifier(torch.nn.Module):
                                        position_ids=position_ids + first_position, **pairs)[0]
         firsts = first_token @ hidden  # rows, slots, hidden
         # The model's own head, given each review's first token as a text of one token.
-        logits = classify_first_token(self.model, firsts.flatten(0, 1)[:, None])
-        logits = logits.view(*firsts.shape[:2], -1)
-        loss = None if labels is None else packed_loss(logits, labels, loss_weights)
+        logits = self.head(firsts.flatten(0, 1)[:, None]).view(*firsts.shape[:2], -1)
+        loss = None if labels is None else self.loss(logits, labels, loss_weights)
         return transformers.modeling_outputs.SequenceClassifierOutput(loss=loss, logits=logits)
 
+    def head(self, first_token):
+        model, kind = self.model, type(self.model).__name__
+        if kind == "BertForSequenceClassification":
+            return model.classifier(model.dropout(model.base_model.pooler(first_token)))
+        if kind == "DistilBertForSequenceClassification":
+            return model.classifier(model.dropout(torch.relu(model.pre_classifier(
+                first_token[:, 0]))))
+        return model.classifier(first_token)  # ELECTRA's and RoBERTa's heads read the first token
 
-def classify_first_token(model, first_token):
-    kind = type(model).__name__
-    if kind == "BertForSequenceClassification":
-        return model.classifier(model.dropout(model.base_model.pooler(first_token)))
-    if kind == "DistilBertForSequenceClassification":
-        return model.classifier(model.dropout(torch.relu(model.pre_classifier(first_token[:, 0]))))
-    return model.classifier(first_token)  # ELECTRA's and RoBERTa's heads read the first token
+    @staticmethod
+    def loss(logits, labels, loss_weights):
+        """The step's mean over its reviews: each review's loss times its weight (PackedRows)."""
+        per_review = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(),
+                                                       ignore_index=-100, reduction="none")
+        return (per_review * loss_weights.flatten()).sum()
 
 
 # ----------------------------------------------------------------------------
@@ -2002,23 +2046,20 @@ def adamw(params, lr, device, weight_decay=0.01):
                              weight_decay=weight_decay, fused=fused or None, capturable=cuda)
 
 
-def decay_groups(named_parameters, no_decay, weight_decay):
-    """AdamW's parameter groups: weight decay on the weights, none on the biases and
-    LayerNorm weights (`no_decay`: their names), as HF's Trainer groups them."""
+def decay_groups(model, weight_decay, parameters=None):
+    """AdamW's parameter groups, as HF's Trainer makes them: weight decay on the weights,
+    none on the model's biases and LayerNorm weights. parameters: (name, parameter) pairs
+    named as in `model`, where only some are trained here (a pipeline stage's)."""
+    norms = {name for name, module in model.named_modules()
+             if isinstance(module, torch.nn.LayerNorm)}
+    no_decay = {name for name, _ in model.named_parameters()
+                if name.endswith("bias") or name.rpartition(".")[0] in norms}
     decay, rest = [], []
-    for name, param in named_parameters:
+    for name, param in parameters or model.named_parameters():
         if param.requires_grad:
             (rest if name in no_decay else decay).append(param)
     return [group for group in ({"params": decay, "weight_decay": weight_decay},
                                 {"params": rest, "weight_decay": 0.0}) if group["params"]]
-
-
-def no_decay_names(model):
-    """The biases and the LayerNorm weights of a model, by name."""
-    norms = {name for name, module in model.named_modules()
-             if isinstance(module, torch.nn.LayerNorm)}
-    return {name for name, _ in model.named_parameters()
-            if name.endswith("bias") or name.rpartition(".")[0] in norms}
 
 
 def set_lr(optimizer, lr):
@@ -2076,8 +2117,8 @@ def ipu_adamw(wrapped, args):
     host can change it later with setOptimizer, without recompiling (the lr schedule does);
     one left out is a constant of the graph. Clipping, if asked, runs on the device."""
     clipping = {"max_grad_norm": args.max_grad_norm} if args.max_grad_norm else {}
-    groups = decay_groups(wrapped.named_parameters(), no_decay_names(wrapped), args.weight_decay)
-    return poptorch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, **clipping)
+    return poptorch.optim.AdamW(decay_groups(wrapped, args.weight_decay), lr=args.lr,
+                                weight_decay=args.weight_decay, **clipping)
 
 
 class OptimizerStep:
@@ -2112,7 +2153,7 @@ class OptimizerStep:
                 self.loss_scale.update(overflow)
             skip = skip | overflow.bool()
         if self.max_norm:
-            clip_gradients(self.params, self.max_norm, self.norm_group)
+            self.clip()
         if self.fused:
             self.optimizer.found_inf = skip.float()
             self.optimizer.step()
@@ -2121,18 +2162,17 @@ class OptimizerStep:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-
-def clip_gradients(params, max_norm, norm_group=None):
-    """torch's clip_grad_norm_; a pipeline stage's gradients are a part of the model's, so
-    there the norm adds up every stage's (one all-reduce over `norm_group`)."""
-    if norm_group is None:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    grads = [p.grad for p in params if p.grad is not None]
-    squares = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2)), 2) ** 2
-    dist.all_reduce(squares, group=norm_group)
-    total = squares.sqrt()
-    torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0))
-    return total
+    def clip(self):
+        """torch's clip_grad_norm_; a pipeline stage's gradients are a part of the model's,
+        so there the norm adds up every stage's (one all-reduce over the pipeline's group)."""
+        if self.norm_group is None:
+            return torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        squares = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2)), 2) ** 2
+        dist.all_reduce(squares, group=self.norm_group)
+        total = squares.sqrt()
+        torch._foreach_mul_(grads, (self.max_norm / (total + 1e-6)).clamp(max=1.0))
+        return total
 
 
 class LossScale:
@@ -2188,13 +2228,14 @@ class Run:
         self.progress = Progress(args, ranks, data, padding, out_dir, self.state, say)
         self.checkpoints = Checkpoints(args, out_dir, ranks, tokenizer, self.state, say)
         self.evaluations = Evaluations(args, self.state, self.checkpoints, self.progress)
-        self.stop = self.plan = self.schedule = None  # from the start of training
-        self.evaluate = None  # the flow's evaluation, for --eval-steps: (figures, seconds)
+        self.stop = self.plan = self.schedule = self.evaluate = None  # from start()
         self.last = self.epoch_start = time.perf_counter()
-        self.warmup_seconds = 0.0  # capturing CUDA graphs, before the first epoch
 
-    def start(self, model, steps_per_epoch, multiple=1, **summary):
-        """The step plan, the lr schedule, the summary, the bar; then a stop request waits."""
+    def start(self, model, steps_per_epoch, evaluate, multiple=1, warmup_seconds=0.0, **summary):
+        """The step plan, the lr schedule, the summary, the bar; then a stop request waits.
+        evaluate: the flow's, for --eval-steps; warmup_seconds: capturing CUDA graphs."""
+        self.evaluate, self.warmup_seconds = evaluate, warmup_seconds
+        self.state["train_seconds"] += warmup_seconds
         self.plan = StepPlan(self.args, steps_per_epoch, multiple)
         self.state["steps_per_epoch"] = steps_per_epoch  # is_finished reads it
         self.schedule = Schedule(self.args, self.plan.total)
@@ -2379,12 +2420,6 @@ def review_predictions(predicted, reviews, n):
     if not seen.all():
         raise RuntimeError(f"{(~seen).sum()} eval samples got no prediction")
     return out
-
-
-def eval_losses(logits, labels):
-    """Each row's (packed: each slot's) cross-entropy loss; an empty slot's is 0."""
-    return torch.nn.functional.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(),
-                                             ignore_index=-100, reduction="none")
 
 
 def evaluation_of(predicted, losses, reviews, labels):
@@ -2661,7 +2696,8 @@ class StopRequest:
     """Ctrl-C or SIGTERM: finish the current step, save, and exit cleanly.
 
     A second one stops at once, but never inside a save: a checkpoint, once begun, is
-    written whole first. Once the stop is under way, any further one is ignored. Signals are kept by number (the exit code is 128 + it).
+    written whole first; once the stop is under way, any further one is ignored. Signals
+    are kept by number (the exit code is 128 + it).
     """
 
     def __init__(self):
@@ -2795,10 +2831,8 @@ class Checkpoints:
         directory, replacing the one before (under torchrun every rank gives its part)."""
         snapshot = self.held.snapshot(with_optimizer=False)  # None on the other ranks
         if self.ranks.is_main:
-            weights, _, _, (config, tokenizer) = snapshot
             with writing(f"the best model to {self.out_dir / BEST}"):
-                write_model_dir(self.out_dir / BEST, weights, config, tokenizer,
-                                {"best.json": entry})
+                write_model_dir(self.out_dir / BEST, snapshot, {"best.json": entry})
 
 
 CHECKSUMS = "checksums.json"
@@ -2954,8 +2988,8 @@ class TrainedState:
         return part
 
     def snapshot(self, with_optimizer=True):
-        """Every rank's share as (weights, tensors, what state.json adds) on rank 0, None
-        elsewhere: under torchrun all ranks must call it."""
+        """Every rank's share, as a Snapshot on rank 0 (None elsewhere): under torchrun all
+        ranks must call it."""
         ranks, part = self.ranks, self._part(with_optimizer)
         everyone = [part]
         if ranks.enabled:  # rank 0 keeps its own share here instead of pickling it to itself
@@ -2975,7 +3009,7 @@ class TrainedState:
                  "processes_per_node": ranks.per_node}
         if optimizers:
             saved["optimizer"] = optimizers["0"] if self.stage is None else {"stages": optimizers}
-        return weights, tensors, saved, (self.model.config, self.tokenizer)
+        return Snapshot(weights, tensors, saved, self.model.config, self.tokenizer)
 
     def restore(self, weights, tensors, saved):
         """This rank's share of a checkpoint (`saved`: its state.json) into its model,
@@ -3000,6 +3034,13 @@ class TrainedState:
         rngs = saved.get("rng_ranks") or {"0": saved["rng"]}  # "rng": older checkpoints
         rank = ranks.rank if str(ranks.rank) in rngs else 0
         set_rng_state(tensors, rngs[str(rank)], rank)
+
+
+# What a checkpoint holds, gathered on rank 0: the weights (model.safetensors); the optimizer's
+# and the random generators' tensors (optimizer.safetensors); what state.json adds to the
+# run's state (the rest of both, as JSON); the config and tokenizer, which make it a model
+# directory too.
+Snapshot = collections.namedtuple("Snapshot", "weights tensors saved config tokenizer")
 
 
 def checkpoint_name(state):
@@ -3036,19 +3077,18 @@ def save_checkpoint(out_dir, snapshot, state, keep):
 def write_checkpoint_files(folder, snapshot, state):
     """The weights with the config and tokenizer are a model directory, as save_pretrained
     writes one: --predict and --model take a checkpoint of an unfinished run."""
-    weights, tensors, saved, (config, tokenizer) = snapshot
-    write_model_files(folder, weights, config, tokenizer,
-                      {"optimizer.safetensors": tensors, "state.json": {**state, **saved}})
+    write_model_files(folder, snapshot, {"optimizer.safetensors": snapshot.tensors,
+                                         "state.json": {**state, **snapshot.saved}})
 
 
-def write_model_files(folder, weights, config, tokenizer, extra):
-    """A model directory (weights, config, tokenizer) with `extra` files (tensors, or
-    JSON), checksummed and flushed to disk."""
-    save_file({k: v.contiguous() for k, v in weights.items()}, folder / "model.safetensors",
-              metadata={"format": "pt"})
-    config.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+def write_model_files(folder, snapshot, extra):
+    """A model directory (a Snapshot's weights, config, tokenizer) with `extra` files
+    (tensors, or JSON), checksummed and flushed to disk."""
+    save_file({k: v.contiguous() for k, v in snapshot.weights.items()},
+              folder / "model.safetensors", metadata={"format": "pt"})
+    snapshot.config.save_pretrained(folder)
+    if snapshot.tokenizer is not None:
+        snapshot.tokenizer.save_pretrained(folder)
     for name, content in extra.items():
         if name.endswith(".safetensors"):
             save_file(content, folder / name)
@@ -3060,13 +3100,13 @@ def write_model_files(folder, weights, config, tokenizer, extra):
     fsync_path(folder)
 
 
-def write_model_dir(final, weights, config, tokenizer, extra):
+def write_model_dir(final, snapshot, extra):
     """write_model_files into a temporary directory renamed into place: a kill mid-write
     leaves the previous one."""
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write_model_files(tmp, weights, config, tokenizer, extra)
+    write_model_files(tmp, snapshot, extra)
     move_into_place(tmp, final)
 
 
@@ -3110,26 +3150,22 @@ def load_checkpoint(out_dir, held, on_ipu=False, say=print):
     raise FinetuneError(f"no intact checkpoint in {out_dir}/checkpoints ({'; '.join(problems)})")
 
 
-def read_checkpoint(path):
-    """Everything a checkpoint holds, checked before anything is restored from it."""
+SNAPSHOT_KEYS = ("optimizer", "rng", "rng_ranks", "processes", "processes_per_node")
+
+
+def restore_checkpoint(path, held, on_ipu):
+    """All a checkpoint holds, read and checked before anything is restored from it."""
     damaged = damaged_files(path)
     if damaged:
         raise DamagedCheckpoint(f"{damaged[0]}: its checksum is not the one written with it")
     try:
         state = read_json(path / "state.json")
-        return (state, load_file(path / "model.safetensors"),
-                load_file(path / "optimizer.safetensors"))
+        weights, tensors = (load_file(path / name)
+                            for name in ("model.safetensors", "optimizer.safetensors"))
     except FinetuneError as exc:
         raise DamagedCheckpoint(str(exc)) from None
     except Exception as exc:  # safetensors: truncated or unreadable
         raise DamagedCheckpoint(first_line(exc)) from None
-
-
-SNAPSHOT_KEYS = ("optimizer", "rng", "rng_ranks", "processes", "processes_per_node")
-
-
-def restore_checkpoint(path, held, on_ipu):
-    state, weights, tensors = read_checkpoint(path)
     expected = held.model.state_dict()
     if set(weights) != set(expected) or any(weights[k].shape != expected[k].shape for k in weights):
         raise FinetuneError(f"{path} was saved from another model architecture than --model")
@@ -3164,68 +3200,6 @@ def resume_command(out_dir, processes=1, per_node=None):
                 "options)") if nodes > 1 else ""
     torchrun = "torchrun" if python == "python" else f"{python} -m torch.distributed.run"
     return f"{torchrun} --nproc-per-node {per_node}{on_nodes} {script} --resume {out_dir}"
-
-
-def resolve_resume_dir(value, output_dir=None):
-    """The run directory --resume names: a directory, 'auto', or as the Trainer's
-    --resume-from-checkpoint, 'true' (--output-dir's run) or a checkpoint (its newest)."""
-    if value.lower() == "true" and output_dir:
-        value = output_dir
-    path = newest_unfinished_run() if value == "auto" else Path(value)
-    if path.parent.name == "checkpoints" and (path / "state.json").is_file():
-        newest = list_checkpoints(path.parent.parent)[-1]
-        if newest.name != path.name:
-            raise FinetuneError(f"--resume {path}: a run continues from its newest checkpoint, "
-                                f"{newest}; to train from this one, pass --model {path} in a "
-                                "new --output-dir")
-        path = path.parent.parent
-    if (path / OVERWRITTEN).is_dir() and not list_checkpoints(path):
-        put_back(path)
-    finished = (path / "args.json").is_file() and is_finished(path, settings_or_none(path),
-                                                             metric_lines(path))
-    if not finished and (not (path / "args.json").is_file() or not list_checkpoints(path)):
-        raise FinetuneError(f"--resume {path}: no checkpoint there (expected args.json "
-                            "and checkpoints/step-*)")
-    return path
-
-
-def newest_unfinished_run():
-    """--resume auto: of the runs under runs/ with a checkpoint, the newest not finished."""
-    runs = sorted((d for d in Path("runs").glob("*") if list_checkpoints(d)),
-                  key=lambda d: list_checkpoints(d)[-1].stat().st_mtime)
-    if not runs:
-        raise FinetuneError("--resume auto: no run with a checkpoint under runs/")
-    unfinished = [d for d in runs
-                  if not is_finished(d, settings_or_none(d), metric_lines(d))]
-    if not unfinished:
-        raise NothingToDo(f"--resume auto: every run under runs/ is finished; the newest is "
-                          f"{runs[-1]} ({describe_run(runs[-1])})")
-    return unfinished[-1]
-
-
-def settings_or_none(out_dir):
-    try:
-        settings = run_settings(out_dir)
-    except FinetuneError:  # damaged: a run all the same, whose settings are unknown
-        return {}
-    return settings if isinstance(settings, dict) else {}
-
-
-def put_back(out_dir):
-    """--resume of a directory whose --overwrite replacement stopped before its first
-    checkpoint: the run that was set aside comes back, and the replacement's files go."""
-    kept, lock = out_dir / OVERWRITTEN, DirectoryLock(out_dir, print)  # not while one runs
-    try:
-        for name in RUN_FILES:
-            path = out_dir / name
-            if path.exists():
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-            if (kept / name).exists():
-                os.rename(kept / name, path)
-        shutil.rmtree(kept)
-    finally:
-        lock.release()
-    print(f"put back the run that --overwrite had set aside in {kept} ({describe_run(out_dir)})")
 
 
 # ----------------------------------------------------------------------------
@@ -3313,7 +3287,7 @@ def finetune_with_torch(args, device, model, plan, data, ranks, run):
     accumulation = gradient_accumulation(args, ranks.stages)
     step_batch = args.batch_size * accumulation  # one replica's share of an optimizer step
     step_size = step_batch * ranks.replicas
-    require_train_samples(data, step_size, "one optimizer step's batch")
+    data.require_train(step_size, "one optimizer step's batch")
     train_set = data.train_dataset(step_size, accumulation * ranks.replicas, multiple=step_size)
     make_loader = functools.partial(torch_loader, pad_id=data.pad_id,  # section 19
                                     multiple=BUCKET if run.padding == "buckets" else 1,
@@ -3340,18 +3314,17 @@ def finetune_with_torch(args, device, model, plan, data, ranks, run):
         graphs = capture_steps(train_step, eval_step, args, run.padding, first_step,
                                eval_loader, device)
         train_step, eval_step = graphs.replaying("train"), graphs.replaying("eval")
-    run.warmup_seconds = graphs.seconds if graphs else 0.0
-    run.state["train_seconds"] += run.warmup_seconds  # the warm-up counts in the reported speed
     if ranks.enabled:
         run.say(f"torchrun: {ranks.world} ranks = {ranks.replicas} replica(s) x {ranks.stages} "
                 f"stage(s); {counted(step_size, data.unit)} per optimizer step")
-    run.start(model, steps_per_epoch=len(train_set) // step_size, eval_batches=len(eval_loader),
-              step_rows=step_size, accumulation=accumulation, device=describe_device(device, ranks),
+    run.start(model, steps_per_epoch=len(train_set) // step_size,
+              evaluate=functools.partial(evaluate, eval_step, eval_loader, eval_order,
+                                         data.eval_labels, run.progress, device, ranks),
+              warmup_seconds=graphs.seconds if graphs else 0.0, eval_batches=len(eval_loader),
+              step_rows=step_size, accumulation=accumulation, device=ranks.describe(device),
               extra={"precision": precision,
                      "train and eval steps": describe_steps(graphs, args, device, ranks,
                                                             autocast_dtype)})
-    run.evaluate = functools.partial(evaluate, eval_step, eval_loader, eval_order,
-                                     data.eval_labels, device, run.progress, ranks)
 
     group_by_length = args.group_by_length == "yes" or (
         args.group_by_length == "auto" and run.padding in ("dynamic", "buckets"))
@@ -3388,8 +3361,7 @@ def data_parallel_steps(model, args, device, ranks, accumulation, autocast_dtype
     if ranks.enabled:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = adamw(decay_groups(model.named_parameters(), no_decay_names(model),
-                                   args.weight_decay), args.lr, device, args.weight_decay)
+    optimizer = adamw(decay_groups(model, args.weight_decay), args.lr, device, args.weight_decay)
     train_step, eval_step = torch_steps(
         torch.compile(train_model) if args.compile else train_model, model, optimizer, args,
         device, accumulation, autocast_dtype, ranks)
@@ -3418,7 +3390,7 @@ def torch_steps(model, eval_model, optimizer, args, device, accumulation, autoca
                     loss = model(**dict(zip(batch, micro))).loss / accumulation
                 (loss * loss_scale.scale if loss_scale else loss).backward()
             total += loss.detach()
-        total = mean_over_replicas(total, ranks)
+        total = ranks.mean_over_replicas(total)
         update.step(total, apply)
         return total
 
@@ -3431,9 +3403,9 @@ def torch_steps(model, eval_model, optimizer, args, device, accumulation, autoca
     return train_step, eval_step
 
 
-def evaluate(eval_step, loader, order, labels, device, progress, ranks):
-    """Accuracy, F1 and loss over every eval sample; `order` says which sample each
-    prediction is. Returns them with the seconds it took.
+def evaluate(eval_step, loader, order, labels, progress, device="cpu", ranks=None):
+    """Accuracy, F1 and loss over every eval sample, in both flows; `order` says which
+    sample each prediction is (-1: an empty packed slot). Returns them with the seconds.
 
     Every rank predicts its share of the batches; all predictions are gathered
     (the analog of output mode All) and each sample must be predicted at least
@@ -3445,11 +3417,13 @@ def evaluate(eval_step, loader, order, labels, device, progress, ranks):
         logits = eval_step(batch)
         if logits is not None:  # None: a pipeline stage before the last
             predictions.append(logits.argmax(-1))  # on the device: no wait per batch
-            losses.append(eval_losses(logits, batch["labels"]))
-        progress.advance(1)
+            losses.append(torch.nn.functional.cross_entropy(  # packed: an empty slot's is 0
+                logits.flatten(0, -2).float(), batch["labels"].flatten(), ignore_index=-100,
+                reduction="none"))
+        progress.advance(1)  # the bar counts eval batches too
     mine = [(order, torch.cat(predictions).cpu().numpy(), torch.cat(losses).cpu().numpy())
             ] if predictions else []
-    if ranks.enabled:
+    if ranks is not None and ranks.enabled:
         everyone = [None] * ranks.world
         dist.all_gather_object(everyone, mine)
         mine = [part for parts in everyone for part in parts]
@@ -3516,10 +3490,13 @@ def eval_data(data, args, ranks, make_loader):
     return make_loader(eval_set, mine), order
 
 
+TOKEN_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")  # a text's length each
+
+
 def pad_collate(pad_id, multiple=1):
     """Stack a batch, the token columns padded to its longest text, rounded up to a
     multiple of `multiple` tokens (--padding buckets; packed rows are all full)."""
-    padding_values = {"input_ids": pad_id, "attention_mask": 0, "token_type_ids": 0}
+    padding_values = dict(zip(TOKEN_COLUMNS, (pad_id, 0, 0)))
 
     def pad(rows, key):
         batch = torch.nn.utils.rnn.pad_sequence([r[key] for r in rows], batch_first=True,
@@ -3674,19 +3651,15 @@ def capture_steps(train_step, eval_step, args, padding, first_step, eval_loader,
         lengths = sorted({min(n, args.max_length)
                           for n in range(BUCKET, round_up(args.max_length, BUCKET) + 1, BUCKET)})
     graphs = StepGraphs(train_step, eval_step)
-    graphs.capture("train", bucket_examples(to_device(next(iter(first_step)), device), lengths))
-    graphs.capture("eval", bucket_examples(to_device(next(iter(eval_loader)), device), lengths))
+    for name, loader in (("train", first_step), ("eval", eval_loader)):
+        batch = to_device(next(iter(loader)), device)  # padded or cut to each length
+        graphs.capture(name, [{k: torch.nn.functional.pad(v, (0, n - v.shape[1]))[:, :n]
+                               if k in TOKEN_COLUMNS else v for k, v in batch.items()}
+                              for n in lengths])
     if graphs.failed:
         tqdm.write(f"warning: capturing CUDA graphs failed ({graphs.failed}); "
                    "every step runs eagerly instead")
     return graphs
-
-
-def bucket_examples(batch, lengths):
-    """The batch padded or cut to each of these lengths: one example per shape to capture."""
-    tokens = ("input_ids", "attention_mask")
-    return [{k: torch.nn.functional.pad(v, (0, n - v.shape[1]))[:, :n] if k in tokens else v
-             for k, v in batch.items()} for n in lengths]
 
 
 def describe_steps(graphs, args, device, ranks, autocast_dtype):
@@ -3720,15 +3693,6 @@ def describe_steps(graphs, args, device, ranks, autocast_dtype):
 #   replicationFactor(R)               R replicas (DDP, or gradients all-reduced per stage)
 # With S = 1 this is plain DistributedDataParallel.
 # ----------------------------------------------------------------------------
-
-def mean_over_replicas(value, ranks):
-    """A loss as the whole optimizer step saw it: averaged over the replicas."""
-    if ranks.replicas > 1:
-        value = value.clone()
-        dist.all_reduce(value, group=ranks.dp_group)
-        value /= ranks.replicas
-    return value
-
 
 class LogitsOnly(torch.nn.Module):
     """What the pipeline traces: token ids and mask (packed: and positions) in, logits
@@ -3781,8 +3745,7 @@ def pipeline_steps(classifier, plan, args, ranks, device, accumulation):
         pipe = trace_pipeline(wrapped, plan, example)
         stages[training] = pipe.build_stage(ranks.stage, device, group=ranks.pp_group)
     stage_module = stages[True].submod  # its names are the wrapper's: "model." + the classifier's
-    no_decay = {"model." + name for name in no_decay_names(classifier)}
-    optimizer = adamw(decay_groups(stage_module.named_parameters(), no_decay, args.weight_decay),
+    optimizer = adamw(decay_groups(wrapped, args.weight_decay, stage_module.named_parameters()),
                       args.lr, device, args.weight_decay)
     update = OptimizerStep(optimizer, args, device, norm_group=ranks.pp_group)
     # The loss is averaged per micro-batch and the schedule divides the summed
@@ -3793,7 +3756,7 @@ def pipeline_steps(classifier, plan, args, ranks, device, accumulation):
 
     def loss_fn(logits, labels):
         if step_weight:
-            return packed_loss(logits, labels, step_weight[0] * (labels != -100))
+            return PackedClassifier.loss(logits, labels, step_weight[0] * (labels != -100))
         return torch.nn.functional.cross_entropy(logits, labels)
 
     schedule = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[args.schedule](
@@ -3834,7 +3797,7 @@ def gather_pipeline_weights(model, held, ranks):
     """Each stage trained its own weights: bring them all into rank 0's model."""
     snapshot = held.snapshot(with_optimizer=False)
     if ranks.is_main:
-        weights = snapshot[0]
+        weights = snapshot.weights
         missing = [name for name, _ in model.named_parameters() if name not in weights]
         if missing:
             raise RuntimeError(f"no pipeline stage holds {missing[:3]}")

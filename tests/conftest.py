@@ -124,6 +124,11 @@ def run_args(model_dir, data_dir, out_dir, *extra):
             "--device", "cpu", *extra]
 
 
+def epochs_done(out_dir):
+    """The lines of metrics.jsonl that end an epoch, as the script reads them."""
+    return fe.epoch_lines(fe.metric_lines(out_dir))
+
+
 def assert_accuracy_of_saved_model(metrics, out):
     """The run's last accuracy is the saved model's, predicted again in this process.
 

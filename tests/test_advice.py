@@ -16,7 +16,7 @@ import shutil
 import pytest
 
 import finetune_electra as fe
-from conftest import cli_error, poisoned_forward, run_args, sentiment_frame
+from conftest import cli_error, epochs_done, poisoned_forward, run_args, sentiment_frame
 
 QUICK = ["--epochs", "1", "--train-samples", "64", "--eval-samples", "32"]
 # The PopTorch stand-in (not an IPU): host batch 1 x 4 device iterations x 7 accumulated
@@ -68,7 +68,7 @@ def test_a_held_unfinished_run_continue_it_with_resume(capsys, unfinished, tiny_
     assert f"holds an unfinished run: 0 of 1 epochs done, newest checkpoint step-00000006" in err
     out = follow(capsys, flags_after(err, "continue it with "))
     assert "resumed from" in out and "(epoch 1, step 6)" in out
-    assert len(fe.epochs_done(unfinished)) == 1 and (unfinished / "model").is_dir()
+    assert len(epochs_done(unfinished)) == 1 and (unfinished / "model").is_dir()
 
 
 def test_resume_with_another_model_resume_it_without_model(capsys, unfinished, tmp_path):
@@ -97,7 +97,7 @@ def test_a_finished_run_resumed_pass_epochs_to_train_one_more(capsys, finished, 
     assert not (out / "resumes.jsonl").exists()  # nothing on disk changed
     assert (out / "model" / "model.safetensors").read_bytes() == model_before
     follow(capsys, ["--resume", out, *flags_after(said, "nothing to resume; pass ")[:2]])
-    assert [m["epoch"] for m in fe.epochs_done(out)] == [1, 2]
+    assert [m["epoch"] for m in epochs_done(out)] == [1, 2]
 
 
 def test_an_ipu_checkpoint_resume_it_with_device_ipu(capsys, fake_poptorch, tiny_model_dir,
@@ -107,7 +107,7 @@ def test_an_ipu_checkpoint_resume_it_with_device_ipu(capsys, fake_poptorch, tiny
     err = cli_error(capsys, ["--resume", str(out), "--device", "cpu", "--epochs", "2"])
     assert "resume it with --device ipu" in err
     follow(capsys, ["--resume", out, "--epochs", "2", "--device", "ipu"])
-    assert [m["epoch"] for m in fe.epochs_done(out)] == [1, 2]
+    assert [m["epoch"] for m in epochs_done(out)] == [1, 2]
 
 
 def test_overwrite_with_resume_give_one_of_them(capsys, unfinished):
@@ -129,7 +129,7 @@ def test_a_non_finite_loss_lower_lr_or_skip_and_resume(capsys, monkeypatch, tiny
         again = tmp_path / advice[0].strip("-")
         shutil.copytree(out, again)
         assert "resumed from" in follow(capsys, ["--resume", again, *advice])
-        assert len(fe.epochs_done(again)) == 1
+        assert len(epochs_done(again)) == 1
 
 
 def test_runs_full_of_one_timestamp_use_output_dir(capsys, monkeypatch, tiny_model_dir,

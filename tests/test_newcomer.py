@@ -11,7 +11,7 @@ import sys
 from safetensors.torch import load_file, save_file
 
 import finetune_electra as fe
-from conftest import HANG, ROOT, minilm_dir, run_args, summary_of, tiny_electra
+from conftest import HANG, ROOT, epochs_done, minilm_dir, run_args, summary_of, tiny_electra
 
 SCRIPT = str(ROOT / "finetune_electra.py")
 
@@ -115,7 +115,7 @@ def test_ctrl_c_after_a_resume_that_added_an_epoch_resumes_to_the_end(tiny_model
     resumed = subprocess.run([sys.executable, *command.split()[1:]], capture_output=True,
                              text=True, timeout=HANG)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert [m["epoch"] for m in fe.epochs_done(out)] == [1, 2]
+    assert [m["epoch"] for m in epochs_done(out)] == [1, 2]
     assert "Accuracy: " in resumed.stdout and "(epoch 2 of 2:" in resumed.stdout
 
 

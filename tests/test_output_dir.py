@@ -12,7 +12,7 @@ import time
 import pytest
 
 import finetune_electra as fe
-from conftest import HANG, ROOT, cli_error, run_args
+from conftest import HANG, ROOT, cli_error, epochs_done, run_args
 
 SCRIPT = str(ROOT / "finetune_electra.py")
 RESULTS = ("args.json", "metrics.jsonl", "model/model.safetensors")
@@ -207,7 +207,7 @@ def test_resume_auto_takes_the_newest_unfinished_run(finished, tmp_path, monkeyp
     assert fe.cli(["--resume", "auto"]) == 0
     out = capsys.readouterr().out
     assert "resumed from runs/older/checkpoints/step-00000040 (epoch 1, step 40)" in out
-    assert len(fe.epochs_done(older)) == 1 and (older / "model").is_dir()
+    assert len(epochs_done(older)) == 1 and (older / "model").is_dir()
     assert fe.cli(["--resume", "auto"]) == 0  # every run finished now: one line, naming the newest
     newest = max((older, newer), key=lambda d: fe.list_checkpoints(d)[-1].stat().st_mtime)
     assert capsys.readouterr().out.startswith(

@@ -109,7 +109,7 @@ def test_the_loss_is_the_mean_over_the_steps_reviews_however_packed():
     packed = fe.PackedRows(reviews, 64, 3, 0, step_rows=len(rows), micro_batches=2).use(rows)
     batch = fe.pad_collate(0)([packed[i] for i in range(len(rows))])
     logits = torch.randn(len(rows), 3, 2)
-    micro_losses = [fe.packed_loss(lg, lb, w) for lg, lb, w in
+    micro_losses = [fe.PackedClassifier.loss(lg, lb, w) for lg, lb, w in
                     zip(logits.chunk(2), batch["labels"].chunk(2), batch["loss_weights"].chunk(2))]
     filled = batch["labels"] != -100
     expected = torch.nn.functional.cross_entropy(logits[filled], batch["labels"][filled])

@@ -38,11 +38,13 @@ def test_the_schedule_is_the_trainers(kind, warmup):
 
 def test_biases_and_layernorm_weights_are_not_decayed():
     model = tiny_electra()
-    no_decay = fe.no_decay_names(model)
+    groups = fe.decay_groups(model, 0.1)
+    assert [group["weight_decay"] for group in groups] == [0.1, 0.0]
+    no_decay = {name for name, p in model.named_parameters()
+                if any(p is q for q in groups[1]["params"])}
     assert no_decay == {name for name, _ in model.named_parameters()
                         if name.endswith("bias") or "LayerNorm" in name}
-    optimizer = fe.adamw(fe.decay_groups(model.named_parameters(), no_decay, 0.1), 0.01,
-                         torch.device("cpu"), 0.1)
+    optimizer = fe.adamw(groups, 0.01, torch.device("cpu"), 0.1)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     for p in model.parameters():
         p.grad = torch.zeros_like(p)  # Adam's own update is then 0: only the decay moves weights
