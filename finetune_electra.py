@@ -1817,7 +1817,11 @@ PACKING_WINDOW = 1000   # reviews packed together: enough to fill rows, still sh
 ROW_COUNT_EPOCHS = 3
 PACKABLE_MODELS = ("ElectraForSequenceClassification", "BertForSequenceClassification",
                    "RobertaForSequenceClassification", "XLMRobertaForSequenceClassification") + (
-    ("DistilBertForSequenceClassification",)  # 4.x: its model takes no position ids
+    # 4.x: DistilBERT's model takes no position ids, and the decoders' no 4D mask (GPT-2)
+    # or a causal one they build from a 2D mask only
+    ("DistilBertForSequenceClassification", "LlamaForSequenceClassification",
+     "GPT2ForSequenceClassification", "Qwen2ForSequenceClassification",
+     "MistralForSequenceClassification", "GemmaForSequenceClassification")
     if TRANSFORMERS_VERSION >= (5, 0) else ())
 
 
@@ -1825,9 +1829,14 @@ def packing_for(args, model, padding):
     """--padding packed: how this run packs reviews into rows (None otherwise)."""
     if padding != "packed":
         return None
-    if type(model).__name__ not in PACKABLE_MODELS:
+    kind, window = type(model).__name__, getattr(model.config, "sliding_window", None)
+    if kind not in PACKABLE_MODELS:
         raise FinetuneError(f"--padding packed knows the heads of {', '.join(PACKABLE_MODELS)}, "
-                            f"not {type(model).__name__}: use --padding max_length")
+                            f"not {kind}: use --padding max_length")
+    if window and window < args.max_length:  # a packed row's mask has no band for the window
+        raise FinetuneError(f"--padding packed: {kind} attends within a window of {window} "
+                            f"tokens, fewer than --max-length {args.max_length}; use "
+                            f"--max-length {window} or --padding max_length")
     return Packing(args.max_length, args.max_per_row, args.seed)
 
 
@@ -1956,10 +1965,10 @@ class PackedRows(torch.utils.data.Dataset):
 ADDITIVE_4D_MASK = TRANSFORMERS_VERSION >= (5, 0)
 
 
-def packed_attention(review_of_token, position_ids, per_row, dtype):
+def packed_attention(review_of_token, position_ids, per_row, dtype, causal=False):
     """From a packed attention_mask and its position ids: the block-diagonal attention
-    mask, and for each slot a one-hot row marking its review's first token (all zeros
-    for an empty slot).
+    mask, and for each slot a one-hot row marking the token its head reads: its review's
+    first, or a decoder's (causal) last (all zeros for an empty slot).
 
     Comparisons only, ops that PopTorch compiles (no eye, no cumsum; the positions
     come from the host), as in PackedBERT. A token attends to the tokens of its own
@@ -1967,9 +1976,14 @@ def packed_attention(review_of_token, position_ids, per_row, dtype):
     one-hot rows pick the first tokens by a matmul: exact (x 1 and + 0), and a float
     tensor, which a pipeline can pass from stage to stage with the gradients."""
     allowed = review_of_token[:, :, None] == review_of_token[:, None, :]
+    read = position_ids == 0
+    if causal:  # a decoder's token sees its review up to itself; its head reads the last one
+        allowed = allowed & torch.ones(allowed.shape[1:], dtype=torch.bool,
+                                       device=allowed.device).tril()
+        read = review_of_token != torch.nn.functional.pad(review_of_token[:, 1:], (0, 1))
     slots = torch.arange(1, per_row + 1, device=review_of_token.device)
     in_slot = review_of_token[:, None, :] == slots[None, :, None]  # rows, slots, tokens
-    first_token = (in_slot & (position_ids[:, None, :] == 0)).to(dtype)
+    first_token = (in_slot & read[:, None, :]).to(dtype)
     if ADDITIVE_4D_MASK:
         mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
             ~allowed, torch.finfo(dtype).min)[:, None]
@@ -1985,6 +1999,7 @@ class PackedClassifier(torch.nn.Module):
     def __init__(self, model, per_row):
         super().__init__()
         self.model, self.per_row = model, per_row
+        self.causal = hasattr(model, "score")  # the decoders' head (Llama, GPT-2, Qwen ...)
 
     def forward(self, input_ids, attention_mask, position_ids, labels=None, loss_weights=None,
                 token_type_ids=None):
@@ -1992,14 +2007,16 @@ class PackedClassifier(torch.nn.Module):
         # its inputs in the order its graph first uses them, and that must be forward's.
         embedded = self.model.get_input_embeddings()(input_ids)
         mask, first_token = packed_attention(attention_mask, position_ids, self.per_row,
-                                             self.model.dtype)
+                                             self.model.dtype, self.causal)
         # RoBERTa and XLM-R count positions from after their padding index, not from 0.
-        first_position = getattr(self.model.base_model.embeddings, "padding_idx", -1) + 1
-        pairs = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        embeddings = getattr(self.model.base_model, "embeddings", None)
+        first_position = getattr(embeddings, "padding_idx", -1) + 1
+        given = {"token_type_ids": token_type_ids, "use_cache": False if self.causal else None}
         hidden = self.model.base_model(inputs_embeds=embedded, attention_mask=mask,
-                                       position_ids=position_ids + first_position, **pairs)[0]
+                                       position_ids=position_ids + first_position,
+                                       **{k: v for k, v in given.items() if v is not None})[0]
         firsts = first_token @ hidden  # rows, slots, hidden
-        # The model's own head, given each review's first token as a text of one token.
+        # The model's own head, given the token it reads of each review as a text of one token.
         logits = self.head(firsts.flatten(0, 1)[:, None]).view(*firsts.shape[:2], -1)
         loss = None if labels is None else self.loss(logits, labels, loss_weights)
         return transformers.modeling_outputs.SequenceClassifierOutput(loss=loss, logits=logits)
@@ -2011,6 +2028,8 @@ class PackedClassifier(torch.nn.Module):
         if kind == "DistilBertForSequenceClassification":
             return model.classifier(model.dropout(torch.relu(model.pre_classifier(
                 first_token[:, 0]))))
+        if self.causal:
+            return model.score(first_token[:, 0])
         return model.classifier(first_token)  # ELECTRA's and RoBERTa's heads read the first token
 
     @staticmethod

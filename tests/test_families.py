@@ -28,6 +28,9 @@ FAMILIES = {  # name: (config class, its settings), blocks' path under the base 
                                             cls_token_id=101, sep_token_id=102), "layers"),
     "llama": ("LlamaConfig", dict(**TINY, hidden_size=32, intermediate_size=64,
                                   num_key_value_heads=2, max_position_embeddings=128), "layers"),
+    "mistral": ("MistralConfig", dict(**TINY, hidden_size=32, intermediate_size=64,
+                                      num_key_value_heads=2, max_position_embeddings=128),
+                "layers"),
     "gpt2": ("GPT2Config", dict(vocab_size=30522, n_embd=32, n_layer=3, n_head=2,
                                 n_positions=128), "h"),
     "albert": ("AlbertConfig", dict(**TINY, hidden_size=32, intermediate_size=64,
@@ -86,14 +89,21 @@ def test_albert_shares_its_layer_so_stages_are_refused_in_one_line():
                                   "stages: use --stages 1 (on IPUs, --ipus 1)")
 
 
-@pytest.mark.parametrize("family", ["modernbert", "llama", "gpt2", "distilbert", "albert"])
+@pytest.mark.parametrize("family", ["modernbert", "llama", "gpt2", "distilbert", "albert",
+                                    "llama packed"])
 def test_each_family_trains_in_one_cpu_process(capsys, family_dirs, sentiment_dir, tmp_path,
                                                family):
     """Before: ModernBERT and the decoders stopped at once ('cannot find the encoder layers'),
-    though one process places no stage."""
+    though one process places no stage. A decoder's packed rows are causal, its head reading
+    each review's last token."""
+    family, *packed = family.split()
+    if packed and f"{FAMILIES[family][0][:-6]}ForSequenceClassification" not in \
+            fe.PACKABLE_MODELS:
+        pytest.skip(f"transformers {transformers.__version__}: no packing for {family}")
     out = tmp_path / "run"
     metrics = fe.main(run_args(family_dirs(family), sentiment_dir, out, "--epochs", "1",
-                               "--train-samples", "64", "--eval-samples", "32"))
+                               "--train-samples", "64", "--eval-samples", "32",
+                               *(["--padding", "packed"] if packed else [])))
     printed = capsys.readouterr().out
     assert "pipeline stage plan" not in printed and "Accuracy: " in printed
     assert len(metrics) == 1 and 0 <= metrics[0]["accuracy"] <= 1

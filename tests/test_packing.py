@@ -42,7 +42,8 @@ def review_texts(n, seed):
     return sentiment_frame(n, seed).text.tolist()
 
 
-@pytest.mark.parametrize("architecture", ["electra", "bert", "roberta", "distilbert"])
+@pytest.mark.parametrize("architecture", ["electra", "bert", "roberta", "distilbert", "llama",
+                                          "gpt2", "mistral"])
 def test_packed_logits_equal_each_review_alone(architecture, tiny_model_dir):
     """Block-diagonal attention, restarted positions, the head on each review's own
     first token: a review's logits do not depend on the reviews it shares a row with."""
@@ -54,12 +55,13 @@ def test_packed_logits_equal_each_review_alone(architecture, tiny_model_dir):
     elif architecture == "bert":  # the real pretrained MiniLM, a pooler between encoder and head
         model = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2)
         tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
-    else:  # RoBERTa: positions counted from after the padding index (issue 38)
+    else:  # RoBERTa: positions from after the padding index; decoders: causal, the last token
         from test_families import tiny_classifier
         if architecture not in [m[:-len("ForSequenceClassification")].lower()
                                 for m in fe.PACKABLE_MODELS]:
             pytest.skip(f"transformers {transformers.__version__}: no packing for {architecture}")
-        model = tiny_classifier(architecture, max_position_embeddings=260)
+        model = tiny_classifier(architecture, **{"n_positions" if architecture == "gpt2" else
+                                                 "max_position_embeddings": 260})
         tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model.eval()
     texts = review_texts(24, seed=1) + ["Great.", "Awful film!", "Fine"]
@@ -195,6 +197,22 @@ def test_packing_flags_out_of_place_are_one_error_line(argv, message, tiny_model
                                                        sentiment_dir, tmp_path, capsys):
     error = cli_error(capsys, run_args(tiny_model_dir, sentiment_dir, tmp_path / "run", *argv))
     assert message in error
+
+
+def test_a_sliding_window_shorter_than_the_rows_is_refused(sentiment_dir, tmp_path, capsys,
+                                                           tiny_model_dir):
+    """Mistral attends within a window: a packed row's block-diagonal mask has no band."""
+    from transformers import AutoTokenizer
+    from test_families import tiny_classifier
+    if "MistralForSequenceClassification" not in fe.PACKABLE_MODELS:
+        pytest.skip(f"transformers {transformers.__version__}: no packing for Mistral")
+    tiny_classifier("mistral", sliding_window=32).save_pretrained(tmp_path / "mistral")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "mistral")
+    error = cli_error(capsys, run_args(tmp_path / "mistral", sentiment_dir, tmp_path / "run",
+                                       "--padding", "packed"))
+    assert error == ("error: --padding packed: MistralForSequenceClassification attends within "
+                     "a window of 32 tokens, fewer than --max-length 64; use --max-length 32 or "
+                     "--padding max_length")
 
 
 def test_a_model_whose_head_packing_does_not_know_is_refused(sentiment_dir, tmp_path, capsys,
