@@ -1819,7 +1819,8 @@ PACKABLE_MODELS = ("ElectraForSequenceClassification", "BertForSequenceClassific
                    "RobertaForSequenceClassification", "XLMRobertaForSequenceClassification") + (
     # 4.x: DistilBERT's model takes no position ids, and the decoders' no 4D mask (GPT-2)
     # or a causal one they build from a 2D mask only
-    ("DistilBertForSequenceClassification", "LlamaForSequenceClassification",
+    ("DistilBertForSequenceClassification", "ModernBertForSequenceClassification",
+     "LlamaForSequenceClassification",
      "GPT2ForSequenceClassification", "Qwen2ForSequenceClassification",
      "MistralForSequenceClassification", "GemmaForSequenceClassification")
     if TRANSFORMERS_VERSION >= (5, 0) else ())
@@ -1833,7 +1834,8 @@ def packing_for(args, model, padding):
     if kind not in PACKABLE_MODELS:
         raise FinetuneError(f"--padding packed knows the heads of {', '.join(PACKABLE_MODELS)}, "
                             f"not {kind}: use --padding max_length")
-    if window and window < args.max_length:  # a packed row's mask has no band for the window
+    # A decoder's packed row has no band for its window (ModernBERT's has: packed_attention).
+    if window and window < args.max_length and kind != "ModernBertForSequenceClassification":
         raise FinetuneError(f"--padding packed: {kind} attends within a window of {window} "
                             f"tokens, fewer than --max-length {args.max_length}; use "
                             f"--max-length {window} or --padding max_length")
@@ -1965,31 +1967,41 @@ class PackedRows(torch.utils.data.Dataset):
 ADDITIVE_4D_MASK = TRANSFORMERS_VERSION >= (5, 0)
 
 
-def packed_attention(review_of_token, position_ids, per_row, dtype, causal=False):
+def packed_attention(review_of_token, position_ids, per_row, dtype, read="first", window=None):
     """From a packed attention_mask and its position ids: the block-diagonal attention
-    mask, and for each slot a one-hot row marking the token its head reads: its review's
-    first, or a decoder's (causal) last (all zeros for an empty slot).
+    mask, and for each slot a row of weights over the tokens its head reads: its review's
+    first, a decoder's last (`read`: "last"; its mask causal too), or all its tokens'
+    mean ("mean"); an empty slot's are all zero. window: ModernBERT's sliding layers
+    attend within it: their mask has that band too (a dict, as its model takes one).
 
     Comparisons only, ops that PopTorch compiles (no eye, no cumsum; the positions
     come from the host), as in PackedBERT. A token attends to the tokens of its own
     review; padding (0) attends to padding, so that no row of the mask is empty. The
-    one-hot rows pick the first tokens by a matmul: exact (x 1 and + 0), and a float
-    tensor, which a pipeline can pass from stage to stage with the gradients."""
+    weights pick the tokens by a matmul: exact (x 1 and + 0), and a float tensor,
+    which a pipeline can pass from stage to stage with the gradients."""
     allowed = review_of_token[:, :, None] == review_of_token[:, None, :]
-    read = position_ids == 0
-    if causal:  # a decoder's token sees its review up to itself; its head reads the last one
-        allowed = allowed & torch.ones(allowed.shape[1:], dtype=torch.bool,
-                                       device=allowed.device).tril()
-        read = review_of_token != torch.nn.functional.pad(review_of_token[:, 1:], (0, 1))
+    index = torch.arange(allowed.shape[-1], device=allowed.device)
+    read_token = position_ids == 0
+    if read == "last":  # a decoder's token sees its review up to itself, its head the last
+        allowed = allowed & (index[None, :] <= index[:, None])
+        read_token = review_of_token != torch.nn.functional.pad(review_of_token[:, 1:], (0, 1))
     slots = torch.arange(1, per_row + 1, device=review_of_token.device)
     in_slot = review_of_token[:, None, :] == slots[None, :, None]  # rows, slots, tokens
-    first_token = (in_slot & read[:, None, :]).to(dtype)
-    if ADDITIVE_4D_MASK:
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min)[:, None]
+    if read == "mean":
+        weights = in_slot.to(dtype) / in_slot.sum(-1, keepdim=True).clamp(min=1)
     else:
-        mask = allowed.long()
-    return mask, first_token
+        weights = (in_slot & read_token[:, None, :]).to(dtype)
+
+    def as_mask(allowed):
+        if not ADDITIVE_4D_MASK:
+            return allowed.long()
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)[:, None]
+    if window is None:
+        return as_mask(allowed), weights
+    band = (index[:, None] - index[None, :]).abs() <= window
+    return {"full_attention": as_mask(allowed), "sliding_attention": as_mask(allowed & band)}, \
+        weights
 
 
 class PackedClassifier(torch.nn.Module):
@@ -2000,6 +2012,12 @@ class PackedClassifier(torch.nn.Module):
         super().__init__()
         self.model, self.per_row = model, per_row
         self.causal = hasattr(model, "score")  # the decoders' head (Llama, GPT-2, Qwen ...)
+        # What the head reads of each review: its first token, a decoder's last, or (as
+        # ModernBERT may) the mean of its tokens; ModernBERT's sliding layers, a window.
+        modernbert = type(model).__name__ == "ModernBertForSequenceClassification"
+        self.read = "last" if self.causal else "mean" if getattr(
+            model.config, "classifier_pooling", None) == "mean" else "first"
+        self.window = model.config.sliding_window if modernbert else None
 
     def forward(self, input_ids, attention_mask, position_ids, labels=None, loss_weights=None,
                 token_type_ids=None):
@@ -2007,7 +2025,7 @@ class PackedClassifier(torch.nn.Module):
         # its inputs in the order its graph first uses them, and that must be forward's.
         embedded = self.model.get_input_embeddings()(input_ids)
         mask, first_token = packed_attention(attention_mask, position_ids, self.per_row,
-                                             self.model.dtype, self.causal)
+                                             self.model.dtype, self.read, self.window)
         # RoBERTa and XLM-R count positions from after their padding index, not from 0.
         embeddings = getattr(self.model.base_model, "embeddings", None)
         first_position = getattr(embeddings, "padding_idx", -1) + 1
@@ -2030,6 +2048,8 @@ class PackedClassifier(torch.nn.Module):
                 first_token[:, 0]))))
         if self.causal:
             return model.score(first_token[:, 0])
+        if kind == "ModernBertForSequenceClassification":
+            return model.classifier(model.drop(model.head(first_token[:, 0])))
         return model.classifier(first_token)  # ELECTRA's and RoBERTa's heads read the first token
 
     @staticmethod

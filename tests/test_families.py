@@ -90,12 +90,12 @@ def test_albert_shares_its_layer_so_stages_are_refused_in_one_line():
 
 
 @pytest.mark.parametrize("family", ["modernbert", "llama", "gpt2", "distilbert", "albert",
-                                    "llama packed"])
+                                    "llama packed", "modernbert packed"])
 def test_each_family_trains_in_one_cpu_process(capsys, family_dirs, sentiment_dir, tmp_path,
                                                family):
     """Before: ModernBERT and the decoders stopped at once ('cannot find the encoder layers'),
-    though one process places no stage. A decoder's packed rows are causal, its head reading
-    each review's last token."""
+    though one process places no stage. Packed: a decoder's rows are causal, its head reading
+    each review's last token; ModernBERT's sliding layers get their band."""
     family, *packed = family.split()
     if packed and f"{FAMILIES[family][0][:-6]}ForSequenceClassification" not in \
             fe.PACKABLE_MODELS:

@@ -42,8 +42,13 @@ def review_texts(n, seed):
     return sentiment_frame(n, seed).text.tolist()
 
 
-@pytest.mark.parametrize("architecture", ["electra", "bert", "roberta", "distilbert", "llama",
-                                          "gpt2", "mistral"])
+# ModernBERT: a window shorter than the rows (its sliding layers' band), then mean pooling.
+OTHER_FAMILIES = {"roberta": {}, "distilbert": {}, "llama": {}, "gpt2": {}, "mistral": {},
+                  "modernbert": {"local_attention": 16},
+                  "modernbert mean": {"local_attention": 16, "classifier_pooling": "mean"}}
+
+
+@pytest.mark.parametrize("architecture", ["electra", "bert", *OTHER_FAMILIES])
 def test_packed_logits_equal_each_review_alone(architecture, tiny_model_dir):
     """Block-diagonal attention, restarted positions, the head on each review's own
     first token: a review's logits do not depend on the reviews it shares a row with."""
@@ -57,11 +62,13 @@ def test_packed_logits_equal_each_review_alone(architecture, tiny_model_dir):
         tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
     else:  # RoBERTa: positions from after the padding index; decoders: causal, the last token
         from test_families import tiny_classifier
-        if architecture not in [m[:-len("ForSequenceClassification")].lower()
-                                for m in fe.PACKABLE_MODELS]:
-            pytest.skip(f"transformers {transformers.__version__}: no packing for {architecture}")
-        model = tiny_classifier(architecture, **{"n_positions" if architecture == "gpt2" else
-                                                 "max_position_embeddings": 260})
+        family = architecture.split()[0]
+        if family not in [m[:-len("ForSequenceClassification")].lower()
+                          for m in fe.PACKABLE_MODELS]:
+            pytest.skip(f"transformers {transformers.__version__}: no packing for {family}")
+        model = tiny_classifier(family, **{"n_positions" if family == "gpt2" else
+                                           "max_position_embeddings": 260},
+                                **OTHER_FAMILIES[architecture])
         tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model.eval()
     texts = review_texts(24, seed=1) + ["Great.", "Awful film!", "Fine"]
