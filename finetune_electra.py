@@ -825,9 +825,6 @@ def check_device_args(args):
     elif in_pipeline and (args.fp16 or args.bf16 == "yes"):
         raise FinetuneError(f"{'--fp16' if args.fp16 else '--bf16 yes'}: torchrun's pipeline "
                             "stages are traced in float32; use --stages 1 (data parallel)")
-    if "," in args.text_column and in_pipeline:
-        raise FinetuneError("torchrun pipelines take single texts, not sentence pairs yet: use "
-                            "--stages 1 (data parallel)")
     if args.eval_batch_size and (args.device == "ipu" or in_pipeline):
         raise FinetuneError("--eval-batch-size: on IPUs and in torchrun pipelines an eval "
                             "batch is --batch-size x --device-iterations (static shapes); leave "
@@ -1735,6 +1732,7 @@ class Data:
         self.train, self.train_lengths = train, train.lengths.tolist()
         self.eval, self.eval_lengths = eval_ds, eval_ds.lengths.tolist()
         self.eval_labels = eval_ds.labels
+        self.token_types = train.token_type_ids is not None  # sentence pairs, where taken
         self.pad_id, self.packing = pad_id, packing
         self.unit = "row" if packing else "sample"  # what a loader's sample is
         self.train_set = train  # what the training loader indexes
@@ -3339,7 +3337,7 @@ def finetune_with_torch(args, device, model, plan, data, ranks, run):
     if ranks.stages > 1:
         run.progress.say_stage_plan(model, plan, f"one stage per rank, {ranks.replicas} replica(s)")
         train_step, eval_step, optimizer, stage = pipeline_steps(
-            classifier, plan, args, ranks, device, accumulation)
+            classifier, plan, args, ranks, device, accumulation, data.token_types)
     else:
         train_step, eval_step, optimizer = data_parallel_steps(
             classifier, args, device, ranks, accumulation, autocast_dtype)
@@ -3734,16 +3732,15 @@ def describe_steps(graphs, args, device, ranks, autocast_dtype):
 # ----------------------------------------------------------------------------
 
 class LogitsOnly(torch.nn.Module):
-    """What the pipeline traces: token ids and mask (packed: and positions) in, logits
-    out (the schedule owns the loss)."""
+    """What the pipeline traces: the token columns in (`names`: ids, mask, and packed rows'
+    positions, sentence pairs' token types), logits out (the schedule owns the loss)."""
 
-    def __init__(self, model):
+    def __init__(self, model, names):
         super().__init__()
-        self.model = model
+        self.model, self.names = model, names
 
-    def forward(self, input_ids, attention_mask, position_ids=None):
-        packed = {} if position_ids is None else {"position_ids": position_ids}
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, **packed).logits
+    def forward(self, *inputs):
+        return self.model(**dict(zip(self.names, inputs))).logits
 
 
 def model_prefix(wrapped):
@@ -3765,7 +3762,7 @@ def trace_pipeline(wrapped, plan, example):
     return pipe
 
 
-def pipeline_steps(classifier, plan, args, ranks, device, accumulation):
+def pipeline_steps(classifier, plan, args, ranks, device, accumulation, token_types):
     """This rank's stage of the model, trained and evaluated by pipeline schedules.
 
     The model (or, packed, the PackedClassifier around it) is traced with static
@@ -3773,11 +3770,17 @@ def pipeline_steps(classifier, plan, args, ranks, device, accumulation):
     per mode: dropout is part of the trace. Both traces share the model's weights.
     """
     from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
-    wrapped = LogitsOnly(classifier)
-    ids = torch.zeros(args.batch_size, args.max_length, dtype=torch.long)
-    # ids, mask (packed: and positions); three tensors, as the trace merges a repeated one
-    example = (ids, torch.ones_like(ids)) + (
-        (torch.zeros_like(ids),) if isinstance(classifier, PackedClassifier) else ())
+    # A traced stage (torch 2.13) takes its inputs in the order its graph first uses them:
+    # a pair's token types before the mask (the embeddings read them first), packed rows'
+    # positions before them (PackedClassifier makes its mask first).
+    names = ("input_ids", "attention_mask", "position_ids", "token_type_ids") \
+        if isinstance(classifier, PackedClassifier) else ("input_ids", "token_type_ids",
+                                                          "attention_mask")
+    names = [name for name in names if token_types or name != "token_type_ids"]
+    wrapped = LogitsOnly(classifier, names)
+    # One micro-batch of each, a tensor each: the trace merges a repeated one.
+    example = tuple((torch.ones if name == "attention_mask" else torch.zeros)(
+        args.batch_size, args.max_length, dtype=torch.long) for name in names)
     stages = {}
     for training in (True, False):
         wrapped.train(training)
@@ -3804,7 +3807,7 @@ def pipeline_steps(classifier, plan, args, ranks, device, accumulation):
     first, last = ranks.stage == 0, ranks.stage == ranks.stages - 1
 
     def inputs(batch):
-        return tuple(model_inputs(batch).values()) if first else ()  # already on the device
+        return tuple(batch[name] for name in names) if first else ()  # already on the device
 
     def train_step(batch):
         if "loss_weights" in batch:

@@ -325,8 +325,31 @@ def test_other_families_in_a_pipeline_equal_one_process(family, sentiment_dir, t
     model_dir = tmp_path / family
     model.save_pretrained(model_dir)
     transformers.AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(model_dir)
-    data = ["--model", str(model_dir), "--dataset", str(sentiment_dir), *COMMON, "--epochs", "1",
-            "--gradient-accumulation", "4"]
+    single = assert_a_pipeline_equals_one_process(model_dir, sentiment_dir, tmp_path)
+    assert len(single) == 12  # 96 reviews, 8 an optimizer step
+
+
+@NEEDS_PIPELINING
+@pytest.mark.parametrize("padding", ["max_length", "packed"])
+def test_sentence_pairs_in_a_pipeline_equal_one_process(padding, deterministic_model_dir,
+                                                         tmp_path):
+    """Issue 38: a pair's token type ids reach the embeddings on the first stage (packed rows:
+    in each review's slot), and the 2-stage pipeline trains as one process does."""
+    from test_pairs import pairs_frame
+    (tmp_path / "pairs").mkdir()
+    for split, (n, seed) in {"train": (96, 0), "test": (50, 1)}.items():
+        pairs_frame(n, seed).to_parquet(tmp_path / "pairs" / f"{split}.parquet")
+    packed = ["--padding", "packed", "--max-length", "64", "--max-per-row", "3"] \
+        if padding == "packed" else []
+    assert_a_pipeline_equals_one_process(deterministic_model_dir, tmp_path / "pairs", tmp_path,
+                                         "--text-column", "first,second", *packed)
+
+
+def assert_a_pipeline_equals_one_process(model_dir, data_dir, tmp_path, *extra):
+    """One epoch on one process and on a 2-stage gpipe pipeline: the same loss at every
+    step, the same weights."""
+    data = ["--model", str(model_dir), "--dataset", str(data_dir), *COMMON, "--epochs", "1",
+            "--gradient-accumulation", "4", *extra]
     with contextlib.redirect_stdout(io.StringIO()):
         fe.main([*data, "--output-dir", str(tmp_path / "single")])
     proc = torchrun(2, *data, "--stages", "2", "--schedule", "gpipe",
@@ -334,7 +357,8 @@ def test_other_families_in_a_pipeline_equal_one_process(family, sentiment_dir, t
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "pipeline stage plan (2 stages" in proc.stdout
     single, pipe = (read(tmp_path / run, "loss_curve.json") for run in ("single", "pipeline"))
-    assert [step for step, *_ in pipe] == [step for step, *_ in single] == list(range(1, 13))
+    assert [step for step, *_ in pipe] == [step for step, *_ in single] == list(
+        range(1, len(single) + 1))  # --log-every 1: every step's loss
     assert [loss for _, loss, *_ in pipe] == pytest.approx([loss for _, loss, *_ in single],
                                                           rel=1e-4)
     a, b = (load_file(tmp_path / run / "model" / "model.safetensors")
@@ -342,3 +366,4 @@ def test_other_families_in_a_pipeline_equal_one_process(family, sentiment_dir, t
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=2e-5)
+    return single
