@@ -1631,18 +1631,14 @@ def subset(ds, n, seed):
 
 
 def check_placeable(model, on_ipu):
-    """Families whose stages are found but whose placement fails later: refused first.
-    Found on the PopTorch stand-in (the ops it compiles are PopTorch's) and under torchrun."""
+    """Families whose stages are found but whose placement on IPUs fails later: refused
+    first. Found on the PopTorch stand-in (the ops it compiles are PopTorch's)."""
     kind, model_type = type(model).__name__, model.config.model_type
     if on_ipu and model_type in ("roberta", "xlm-roberta", "deberta-v2"):
         ops = "nonzero (relative positions)" if model_type == "deberta-v2" else \
             "an integer cumsum (its position ids)"
         raise FinetuneError(f"{kind} on IPUs: its graph holds {ops}, which PopTorch does not "
                             "compile; fine-tune it on CUDA or CPU")
-    if not on_ipu and hasattr(model, "score"):  # the decoders' head: GPT-2, Llama, Qwen ...
-        raise FinetuneError(f"{kind} in torchrun pipelines: its head finds each text's last "
-                            "token from the input ids, which only the first stage holds; use "
-                            "--stages 1 (data parallel)")
 
 
 def transformer_blocks(model):
@@ -3740,7 +3736,16 @@ class LogitsOnly(torch.nn.Module):
         self.model, self.names = model, names
 
     def forward(self, *inputs):
-        return self.model(**dict(zip(self.names, inputs))).logits
+        given = dict(zip(self.names, inputs))
+        if not hasattr(self.model, "score"):
+            return self.model(**given).logits
+        # A decoder's own head finds each text's last token from the input ids, which only
+        # the first stage has: here the mask finds it first (its rightmost token, as the
+        # head's rightmost non-padding one), and the stages pass it on to the head.
+        mask = given["attention_mask"]
+        last = (torch.arange(mask.shape[-1], device=mask.device) * mask).argmax(-1)
+        hidden = self.model.base_model(**given)[0]
+        return self.model.score(hidden[torch.arange(len(last), device=last.device), last])
 
 
 def model_prefix(wrapped):
@@ -3777,6 +3782,8 @@ def pipeline_steps(classifier, plan, args, ranks, device, accumulation, token_ty
         if isinstance(classifier, PackedClassifier) else ("input_ids", "token_type_ids",
                                                           "attention_mask")
     names = [name for name in names if token_types or name != "token_type_ids"]
+    if hasattr(classifier, "score"):  # a decoder's: LogitsOnly reads the mask first
+        names = ["attention_mask", "input_ids"]
     wrapped = LogitsOnly(classifier, names)
     # One micro-batch of each, a tensor each: the trace merges a repeated one.
     example = tuple((torch.ones if name == "attention_mask" else torch.zeros)(

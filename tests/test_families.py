@@ -118,13 +118,9 @@ def test_each_family_trains_in_one_cpu_process(capsys, family_dirs, sentiment_di
                       "on CUDA or CPU"),
     ("deberta-v2", True, "DebertaV2ForSequenceClassification on IPUs: its graph holds nonzero "
                          "(relative positions), which PopTorch does not compile; fine-tune it on "
-                         "CUDA or CPU"),
-    ("llama", False, "LlamaForSequenceClassification in torchrun pipelines: its head finds each "
-                     "text's last token from the input ids, which only the first stage holds; "
-                     "use --stages 1 (data parallel)")])
+                         "CUDA or CPU")])
 def test_a_placement_that_would_fail_later_is_refused_first(family, on_ipu, message):
-    """Found on the PopTorch stand-in (ops PopTorch does not compile) and under torchrun (a
-    pipeline stage other than the first cannot read the inputs)."""
+    """Found on the PopTorch stand-in: ops PopTorch does not compile."""
     with pytest.raises(fe.FinetuneError) as refused:
         fe.plan_stages(tiny_classifier(family), 2, on_ipu)
     assert str(refused.value) == message

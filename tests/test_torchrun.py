@@ -310,15 +310,18 @@ def test_a_ddp_run_that_max_steps_ended_continues_to_the_unbroken_run(
 NO_DROPOUT = {"roberta": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
               "distilbert": dict(dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0),
               "modernbert": dict(embedding_dropout=0.0, attention_dropout=0.0, mlp_dropout=0.0,
-                                 classifier_dropout=0.0)}
+                                 classifier_dropout=0.0),
+              "llama": dict(attention_dropout=0.0),
+              "gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)}
 
 
 @NEEDS_PIPELINING
 @pytest.mark.parametrize("family", list(NO_DROPOUT))
 def test_other_families_in_a_pipeline_equal_one_process(family, sentiment_dir, tmp_path):
     """Issue 38: RoBERTa (encoder.layer, position ids after the padding index), DistilBERT
-    (transformer.layer) and ModernBERT (layers, rotary positions) split over 2 stages train
-    as one process does, step by step."""
+    (transformer.layer), ModernBERT (layers, rotary positions) and the decoders Llama and
+    GPT-2 (layers, h; the head's last token found from the mask on the first stage) split
+    over 2 stages train as one process does, step by step."""
     import transformers
     from test_families import tiny_classifier
     model = tiny_classifier(family, **NO_DROPOUT[family])  # skips where transformers lacks it
