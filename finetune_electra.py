@@ -9,7 +9,7 @@ iterations and output (anchor) modes; on CUDA or CPU, the same recipe in plain P
     python finetune_electra.py                        # the tutorial's recipe
     python finetune_electra.py --model DIR --dataset DIR --train-samples 2000
 
-Part one, up to the banner "Part two" at line 458, is the tutorial in its order:
+Part one, up to the banner "Part two" at line 459, is the tutorial in its order:
     1. Data: IMDB, tokenized           3. Pipeline stages: which layer on which IPU
     2. Model: ELECTRA, a new head      4. The IPU flow, in one function: finetune_on_ipus()
     5. finetune() and main(): what runs, and on which device
@@ -230,9 +230,16 @@ class IPUWrapper(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
+        # RoBERTa and XLM-R number positions from after their padding index, by an integer
+        # cumsum PopTorch does not compile: made here by arange (texts are padded on the right).
+        embeddings = getattr(getattr(model, "base_model", None), "embeddings", None)
+        self.padding_idx = getattr(embeddings, "padding_idx", None)
 
     def forward(self, input_ids, attention_mask, labels, loss_weights=None, position_ids=None,
                 token_type_ids=None):
+        if position_ids is None and self.padding_idx is not None:
+            position_ids = (torch.arange(input_ids.shape[1]) + self.padding_idx + 1).expand_as(
+                input_ids)
         given = {"loss_weights": loss_weights, "position_ids": position_ids,  # packed rows,
                  "token_type_ids": token_type_ids}  # section 11; sentence pairs, part two
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
@@ -289,11 +296,6 @@ def gradient_accumulation(args, stages):
     return args.gradient_accumulation or 2 * stages - 1
 
 
-def samples_in(batch):
-    """Reviews in a batch: one per row, or per filled slot of packed rows."""
-    return int((batch["labels"] != -100).sum())
-
-
 def validate_on_ipus(inference_model, eval_loader, eval_reviews, labels, progress, between=None):
     """The tutorial's validation: attach the inference model (which uploads the trained
     weights), predict every eval batch, detach. Accuracy, F1, loss, and the seconds.
@@ -302,8 +304,7 @@ def validate_on_ipus(inference_model, eval_loader, eval_reviews, labels, progres
     if between is not None:
         between.detachFromDevice()
     inference_model.attachToDevice()
-    # Each batch's logits (the wrapper returns loss, logits), as the CUDA/CPU flow's
-    # evaluate() counts them: accuracy_score over every review, the bar advancing.
+    # Each batch's logits (loss, logits), counted as the CUDA/CPU flow's evaluate() does.
     figures = evaluate(lambda batch: inference_model(**batch)[1], eval_loader, eval_reviews,
                        labels, progress)
     inference_model.detachFromDevice()
@@ -1634,11 +1635,9 @@ def check_placeable(model, on_ipu):
     """Families whose stages are found but whose placement on IPUs fails later: refused
     first. Found on the PopTorch stand-in (the ops it compiles are PopTorch's)."""
     kind, model_type = type(model).__name__, model.config.model_type
-    if on_ipu and model_type in ("roberta", "xlm-roberta", "deberta-v2"):
-        ops = "nonzero (relative positions)" if model_type == "deberta-v2" else \
-            "an integer cumsum (its position ids)"
-        raise FinetuneError(f"{kind} on IPUs: its graph holds {ops}, which PopTorch does not "
-                            "compile; fine-tune it on CUDA or CPU")
+    if on_ipu and model_type == "deberta-v2":
+        raise FinetuneError(f"{kind} on IPUs: its graph holds nonzero (relative positions), "
+                            "which PopTorch does not compile; fine-tune it on CUDA or CPU")
 
 
 def transformer_blocks(model):
@@ -1784,6 +1783,11 @@ class Data:
         """Packed: text tokens / row tokens in training, as packed or as padded to max_length."""
         rows = len(self.train_set) if packed else len(self.train)
         return sum(self.train_lengths) / (rows * self.packing.max_length)
+
+
+def samples_in(batch):
+    """Reviews in a batch: one per row, or per filled slot of packed rows."""
+    return int((batch["labels"] != -100).sum())
 
 
 # ----------------------------------------------------------------------------
