@@ -311,6 +311,9 @@ NO_DROPOUT = {"roberta": dict(hidden_dropout_prob=0.0, attention_probs_dropout_p
               "distilbert": dict(dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0),
               "modernbert": dict(embedding_dropout=0.0, attention_dropout=0.0, mlp_dropout=0.0,
                                  classifier_dropout=0.0),
+              "deberta-v2": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                 relative_attention=True, pos_att_type=["p2c", "c2p"],
+                                 position_biased_input=False),  # as DeBERTa-v3's
               "llama": dict(attention_dropout=0.0),
               "gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)}
 
@@ -318,7 +321,8 @@ NO_DROPOUT = {"roberta": dict(hidden_dropout_prob=0.0, attention_probs_dropout_p
 @NEEDS_PIPELINING
 @pytest.mark.parametrize("family", list(NO_DROPOUT))
 def test_other_families_in_a_pipeline_equal_one_process(family, sentiment_dir, tmp_path):
-    """Issue 38: RoBERTa (encoder.layer, position ids after the padding index), DistilBERT
+    """Issue 38: RoBERTa (encoder.layer, position ids after the padding index), DeBERTa-v2
+    (relative attention, as DeBERTa-v3's, with its shared relative embeddings), DistilBERT
     (transformer.layer), ModernBERT (layers, rotary positions) and the decoders Llama and
     GPT-2 (layers, h; the head's last token found from the mask on the first stage) split
     over 2 stages train as one process does, step by step."""
