@@ -9,7 +9,7 @@ iterations and output (anchor) modes; on CUDA or CPU, the same recipe in plain P
     python finetune_electra.py                        # the tutorial's recipe
     python finetune_electra.py --model DIR --dataset DIR --train-samples 2000
 
-Part one, up to the banner "Part two" at line 459, is the tutorial in its order:
+Part one, up to the banner "Part two" at line 458, is the tutorial in its order:
     1. Data: IMDB, tokenized           3. Pipeline stages: which layer on which IPU
     2. Model: ELECTRA, a new head      4. The IPU flow, in one function: finetune_on_ipus()
     5. finetune() and main(): what runs, and on which device
@@ -230,15 +230,14 @@ class IPUWrapper(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
-        # RoBERTa and XLM-R number positions from after their padding index, by an integer
-        # cumsum PopTorch does not compile: made here by arange (texts are padded on the right).
-        embeddings = getattr(getattr(model, "base_model", None), "embeddings", None)
-        self.padding_idx = getattr(embeddings, "padding_idx", None)
+        # RoBERTa and XLM-R number positions by an integer cumsum PopTorch does not
+        # compile: made here by arange instead (texts are padded on the right).
+        self.first_position = first_position(model)
 
     def forward(self, input_ids, attention_mask, labels, loss_weights=None, position_ids=None,
                 token_type_ids=None):
-        if position_ids is None and self.padding_idx is not None:
-            position_ids = (torch.arange(input_ids.shape[1]) + self.padding_idx + 1).expand_as(
+        if position_ids is None and self.first_position is not None:
+            position_ids = (torch.arange(input_ids.shape[1]) + self.first_position).expand_as(
                 input_ids)
         given = {"loss_weights": loss_weights, "position_ids": position_ids,  # packed rows,
                  "token_type_ids": token_type_ids}  # section 11; sentence pairs, part two
@@ -1965,6 +1964,14 @@ class PackedRows(torch.utils.data.Dataset):
 ADDITIVE_4D_MASK = TRANSFORMERS_VERSION >= (5, 0)
 
 
+def first_position(model):
+    """The position id of a text's first token: RoBERTa and XLM-R count from after their
+    padding index (their own ids come from an integer cumsum); None: from 0."""
+    embeddings = getattr(getattr(model, "base_model", None), "embeddings", None)
+    padding_idx = getattr(embeddings, "padding_idx", None)
+    return None if padding_idx is None else padding_idx + 1
+
+
 def packed_attention(review_of_token, position_ids, per_row, dtype, read="first", window=None):
     """From a packed attention_mask and its position ids: the block-diagonal attention
     mask, and for each slot a row of weights over the tokens its head reads: its review's
@@ -2016,6 +2023,7 @@ class PackedClassifier(torch.nn.Module):
         self.read = "last" if self.causal else "mean" if getattr(
             model.config, "classifier_pooling", None) == "mean" else "first"
         self.window = model.config.sliding_window if modernbert else None
+        self.first_position = first_position(model) or 0  # RoBERTa's: after its padding index
 
     def forward(self, input_ids, attention_mask, position_ids, labels=None, loss_weights=None,
                 token_type_ids=None):
@@ -2024,12 +2032,9 @@ class PackedClassifier(torch.nn.Module):
         embedded = self.model.get_input_embeddings()(input_ids)
         mask, first_token = packed_attention(attention_mask, position_ids, self.per_row,
                                              self.model.dtype, self.read, self.window)
-        # RoBERTa and XLM-R count positions from after their padding index, not from 0.
-        embeddings = getattr(self.model.base_model, "embeddings", None)
-        first_position = getattr(embeddings, "padding_idx", -1) + 1
         given = {"token_type_ids": token_type_ids, "use_cache": False if self.causal else None}
         hidden = self.model.base_model(inputs_embeds=embedded, attention_mask=mask,
-                                       position_ids=position_ids + first_position,
+                                       position_ids=position_ids + self.first_position,
                                        **{k: v for k, v in given.items() if v is not None})[0]
         firsts = first_token @ hidden  # rows, slots, hidden
         # The model's own head, given the token it reads of each review as a text of one token.
