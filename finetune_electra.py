@@ -9,7 +9,7 @@ iterations and output (anchor) modes; on CUDA or CPU, the same recipe in plain P
     python finetune_electra.py                        # the tutorial's recipe
     python finetune_electra.py --model DIR --dataset DIR --train-samples 2000
 
-Part one, up to the banner "Part two" at line 458, is the tutorial in its order:
+Part one, up to the banner "Part two" at line 460, is the tutorial in its order:
     1. Data: IMDB, tokenized           3. Pipeline stages: which layer on which IPU
     2. Model: ELECTRA, a new head      4. The IPU flow, in one function: finetune_on_ipus()
     5. finetune() and main(): what runs, and on which device
@@ -132,6 +132,9 @@ def load_model(name, label_names, eager_attention=False, say=print):
             id2label=dict(enumerate(label_names)),
             label2id={n: i for i, n in enumerate(label_names)},
             ignore_mismatched_sizes=True,  # a head fine-tuned for other labels starts afresh
+            # cross-entropy, as other families pick at their first step; DeBERTa's own pick
+            # selects the labelled rows by nonzero, which PopTorch does not compile
+            problem_type="single_label_classification",
             output_loading_info=True, **attention)
     check_tokenizer_fits(name, model, tokenizer)  # the model's own, not a stand-in of 5 tokens
     say_what_is_new(model, loaded, say)
@@ -183,12 +186,11 @@ def layer_stages(num_layers, stages):
     return [1 + i * (stages - 1) // num_layers for i in range(num_layers)]
 
 
-def plan_stages(model, stages, on_ipu=False):
+def plan_stages(model, stages):
     """[(module name, stage)] in forward order: what runs before the transformer blocks
     (embeddings) on stage 0, the blocks spread over the others, what runs after them
     (final norm, pooler, the head) on the last. Modules without weights (rotary tables)
     stay on the stage that runs them."""
-    check_placeable(model, on_ipu)  # what IPUs or torchrun pipelines cannot take (yet)
     base_name, (blocks_name, blocks) = model.base_model_prefix, transformer_blocks(model)
     parent = blocks_name.rpartition(".")[0]  # encoder (BERT), transformer (DistilBERT), none
     children = []  # the base model's, with the blocks' parent opened up
@@ -409,7 +411,7 @@ def finetune(args, device, ranks):
     if ranks.enabled:  # same initial weights everywhere, but each rank its own dropout masks
         torch.manual_seed(args.seed + ranks.rank)
     stages = args.stages if on_ipu else ranks.stages  # torchrun: its stages
-    plan = plan_stages(model, stages, on_ipu) if on_ipu or stages > 1 else None  # where placed
+    plan = plan_stages(model, stages) if on_ipu or stages > 1 else None  # where placed
 
     # Only now the output directory: a start that fails above leaves nothing behind.
     with run_directory(args, ranks, say) as out_dir:  # this run's alone, locked
@@ -1630,15 +1632,6 @@ def subset(ds, n, seed):
     return ds.shuffle(seed=seed).select(range(n))
 
 
-def check_placeable(model, on_ipu):
-    """Families whose stages are found but whose placement on IPUs fails later: refused
-    first. Found on the PopTorch stand-in (the ops it compiles are PopTorch's)."""
-    kind, model_type = type(model).__name__, model.config.model_type
-    if on_ipu and model_type == "deberta-v2":
-        raise FinetuneError(f"{kind} on IPUs: its graph holds nonzero (relative positions), "
-                            "which PopTorch does not compile; fine-tune it on CUDA or CPU")
-
-
 def transformer_blocks(model):
     """(name, list) of a classifier's transformer blocks, the first list in its base model:
     encoder.layer (BERT, ELECTRA, RoBERTa, DeBERTa), transformer.layer (DistilBERT), layers
@@ -1813,10 +1806,12 @@ PACKING_WINDOW = 1000   # reviews packed together: enough to fill rows, still sh
 # which a resume may change: an epoch's rows must not depend on it.
 ROW_COUNT_EPOCHS = 3
 PACKABLE_MODELS = ("ElectraForSequenceClassification", "BertForSequenceClassification",
-                   "RobertaForSequenceClassification", "XLMRobertaForSequenceClassification") + (
-    # 4.x: DistilBERT's model takes no position ids, and the decoders' no 4D mask (GPT-2)
-    # or a causal one they build from a 2D mask only
-    ("DistilBertForSequenceClassification", "ModernBertForSequenceClassification",
+                   "RobertaForSequenceClassification", "XLMRobertaForSequenceClassification",
+                   "DebertaV2ForSequenceClassification") + (
+    # 4.x: DistilBERT's model takes no position ids, ALBERT's no 3D mask, and the decoders'
+    # no 4D mask (GPT-2) or a causal one they build from a 2D mask only
+    ("DistilBertForSequenceClassification", "AlbertForSequenceClassification",
+     "ModernBertForSequenceClassification",
      "LlamaForSequenceClassification",
      "GPT2ForSequenceClassification", "Qwen2ForSequenceClassification",
      "MistralForSequenceClassification", "GemmaForSequenceClassification")
@@ -1836,6 +1831,10 @@ def packing_for(args, model, padding):
         raise FinetuneError(f"--padding packed: {kind} attends within a window of {window} "
                             f"tokens, fewer than --max-length {args.max_length}; use "
                             f"--max-length {window} or --padding max_length")
+    if getattr(model.config, "conv_kernel_size", 0):  # DeBERTa-v2's, after its first block
+        raise FinetuneError(f"--padding packed: {kind} mixes neighbouring tokens by a "
+                            "convolution (conv_kernel_size), across the reviews of a row; use "
+                            "--padding max_length")
     return Packing(args.max_length, args.max_per_row, args.seed)
 
 
@@ -1972,7 +1971,8 @@ def first_position(model):
     return None if padding_idx is None else padding_idx + 1
 
 
-def packed_attention(review_of_token, position_ids, per_row, dtype, read="first", window=None):
+def packed_attention(review_of_token, position_ids, per_row, dtype, read="first", window=None,
+                     additive=ADDITIVE_4D_MASK):
     """From a packed attention_mask and its position ids: the block-diagonal attention
     mask, and for each slot a row of weights over the tokens its head reads: its review's
     first, a decoder's last (`read`: "last"; its mask causal too), or all its tokens'
@@ -1998,7 +1998,7 @@ def packed_attention(review_of_token, position_ids, per_row, dtype, read="first"
         weights = (in_slot & read_token[:, None, :]).to(dtype)
 
     def as_mask(allowed):
-        if not ADDITIVE_4D_MASK:
+        if not additive:
             return allowed.long()
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
             ~allowed, torch.finfo(dtype).min)[:, None]
@@ -2024,6 +2024,8 @@ class PackedClassifier(torch.nn.Module):
             model.config, "classifier_pooling", None) == "mean" else "first"
         self.window = model.config.sliding_window if modernbert else None
         self.first_position = first_position(model) or 0  # RoBERTa's: after its padding index
+        # DeBERTa's model multiplies its embeddings by a 2D mask: the blocks take the packed one
+        self.deberta = model.config.model_type == "deberta-v2"
 
     def forward(self, input_ids, attention_mask, position_ids, labels=None, loss_weights=None,
                 token_type_ids=None):
@@ -2031,11 +2033,18 @@ class PackedClassifier(torch.nn.Module):
         # its inputs in the order its graph first uses them, and that must be forward's.
         embedded = self.model.get_input_embeddings()(input_ids)
         mask, first_token = packed_attention(attention_mask, position_ids, self.per_row,
-                                             self.model.dtype, self.read, self.window)
-        given = {"token_type_ids": token_type_ids, "use_cache": False if self.causal else None}
-        hidden = self.model.base_model(inputs_embeds=embedded, attention_mask=mask,
-                                       position_ids=position_ids + self.first_position,
-                                       **{k: v for k, v in given.items() if v is not None})[0]
+                                             self.model.dtype, self.read, self.window,
+                                             ADDITIVE_4D_MASK and not self.deberta)  # its: 0/1
+        base = self.model.base_model
+        if self.deberta:
+            hidden = base.encoder(base.embeddings(
+                token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=embedded,
+                mask=attention_mask > 0), mask)[0]
+        else:
+            given = {"token_type_ids": token_type_ids, "use_cache": False if self.causal else None}
+            hidden = base(inputs_embeds=embedded, attention_mask=mask,
+                          position_ids=position_ids + self.first_position,
+                          **{k: v for k, v in given.items() if v is not None})[0]
         firsts = first_token @ hidden  # rows, slots, hidden
         # The model's own head, given the token it reads of each review as a text of one token.
         logits = self.head(firsts.flatten(0, 1)[:, None]).view(*firsts.shape[:2], -1)
@@ -2044,8 +2053,12 @@ class PackedClassifier(torch.nn.Module):
 
     def head(self, first_token):
         model, kind = self.model, type(self.model).__name__
-        if kind == "BertForSequenceClassification":
-            return model.classifier(model.dropout(model.base_model.pooler(first_token)))
+        if kind in ("BertForSequenceClassification", "DebertaV2ForSequenceClassification"):
+            pooler = getattr(model, "pooler", None) or model.base_model.pooler  # DeBERTa's: top
+            return model.classifier(model.dropout(pooler(first_token)))
+        if kind == "AlbertForSequenceClassification":
+            return model.classifier(model.dropout(model.albert.pooler_activation(
+                model.albert.pooler(first_token[:, 0]))))
         if kind == "DistilBertForSequenceClassification":
             return model.classifier(model.dropout(torch.relu(model.pre_classifier(
                 first_token[:, 0]))))

@@ -226,11 +226,11 @@ def test_too_few_samples_for_a_step_use_a_smaller_batch(capsys, tiny_model_dir, 
                             "--train-samples", "6", "--batch-size", "2"))
 
 
-def test_a_head_packing_does_not_know_use_padding_max_length(capsys, tiny_model_dir,
-                                                             sentiment_dir, tmp_path):
+def test_a_model_packing_cannot_take_use_padding_max_length(capsys, tiny_model_dir,
+                                                            sentiment_dir, tmp_path):
     from transformers import AutoTokenizer
     from test_families import tiny_classifier
-    tiny_classifier("deberta-v2").save_pretrained(tmp_path / "deberta")  # RoBERTa packs (38)
+    tiny_classifier("deberta-v2", conv_kernel_size=3).save_pretrained(tmp_path / "deberta")
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "deberta")
     err = cli_error(capsys, run_args(tmp_path / "deberta", sentiment_dir, tmp_path / "a", *QUICK,
                                      "--padding", "packed"))

@@ -21,7 +21,10 @@ FAMILIES = {  # name: (config class, its settings), blocks' path under the base 
                                             hidden_dim=64, max_position_embeddings=128),
                    "transformer.layer"),
     "deberta-v2": ("DebertaV2Config", dict(**TINY, hidden_size=32, intermediate_size=64,
-                                           max_position_embeddings=128), "encoder.layer"),
+                                           max_position_embeddings=128,  # as DeBERTa-v3's:
+                                           relative_attention=True, pos_att_type=["p2c", "c2p"],
+                                           position_biased_input=False, position_buckets=32,
+                                           norm_rel_ebd="layer_norm"), "encoder.layer"),
     "modernbert": ("ModernBertConfig", dict(**TINY, hidden_size=32, intermediate_size=64,
                                             max_position_embeddings=128, pad_token_id=0,
                                             bos_token_id=101, eos_token_id=102,
@@ -37,7 +40,6 @@ FAMILIES = {  # name: (config class, its settings), blocks' path under the base 
                                     embedding_size=16), None),  # one layer at every depth
 }
 SPLITTABLE = [family for family, (_, _, blocks) in FAMILIES.items() if blocks]
-DECODERS = ("llama", "gpt2")
 
 
 def tiny_classifier(family, **overrides):
@@ -67,7 +69,7 @@ def family_dirs(tmp_path_factory):
 @pytest.mark.parametrize("family", SPLITTABLE)
 def test_the_stage_plan_places_every_weight_once_blocks_between_embeddings_and_head(family):
     model = tiny_classifier(family)
-    plan = fe.plan_stages(model, 3, on_ipu=family in DECODERS)  # decoders: IPUs only
+    plan = fe.plan_stages(model, 3)
     prefix = f"{model.base_model_prefix}.{FAMILIES[family][2]}."
     blocks = [(name, stage) for name, stage in plan if name.startswith(prefix)]
     assert blocks == [(f"{prefix}{i}", stage) for i, stage in enumerate([1, 1, 2])]
@@ -90,7 +92,7 @@ def test_albert_shares_its_layer_so_stages_are_refused_in_one_line():
 
 
 @pytest.mark.parametrize("family", ["modernbert", "llama", "gpt2", "distilbert", "albert",
-                                    "llama packed", "modernbert packed"])
+                                    "llama packed", "modernbert packed", "deberta-v2 packed"])
 def test_each_family_trains_in_one_cpu_process(capsys, family_dirs, sentiment_dir, tmp_path,
                                                family):
     """Before: ModernBERT and the decoders stopped at once ('cannot find the encoder layers'),
@@ -112,17 +114,6 @@ def test_each_family_trains_in_one_cpu_process(capsys, family_dirs, sentiment_di
     assert len(capsys.readouterr().out.strip().splitlines()) == 2
 
 
-@pytest.mark.parametrize("family, on_ipu, message", [
-    ("deberta-v2", True, "DebertaV2ForSequenceClassification on IPUs: its graph holds nonzero "
-                         "(relative positions), which PopTorch does not compile; fine-tune it on "
-                         "CUDA or CPU")])
-def test_a_placement_that_would_fail_later_is_refused_first(family, on_ipu, message):
-    """Found on the PopTorch stand-in: ops PopTorch does not compile."""
-    with pytest.raises(fe.FinetuneError) as refused:
-        fe.plan_stages(tiny_classifier(family), 2, on_ipu)
-    assert str(refused.value) == message
-
-
 def test_roberta_on_ipus_takes_its_positions_from_the_host(fake_poptorch):
     """RoBERTa numbers positions from after its padding index by an integer cumsum, which
     PopTorch does not compile (the stand-in refuses it): the IPU wrapper gives them, the
@@ -135,7 +126,8 @@ def test_roberta_on_ipus_takes_its_positions_from_the_host(fake_poptorch):
     assert torch.equal(logits, own.logits) and torch.equal(loss, own.loss)
 
 
-@pytest.mark.parametrize("family", ["roberta", "distilbert", "modernbert", "llama", "gpt2"])
+@pytest.mark.parametrize("family", ["roberta", "distilbert", "deberta-v2", "modernbert", "llama",
+                                    "gpt2"])
 def test_each_family_runs_the_ipu_flow_on_the_standin(fake_poptorch, family_dirs, sentiment_dir,
                                                       tmp_path, capsys, family):
     """BeginBlock on 2 stages, the tutorial's flow, against the PopTorch stand-in (not an IPU):

@@ -2,6 +2,7 @@
 
 import json
 import re
+import types
 
 import numpy as np
 import pytest
@@ -45,7 +46,10 @@ def review_texts(n, seed):
 # ModernBERT: a window shorter than the rows (its sliding layers' band), then mean pooling.
 OTHER_FAMILIES = {"roberta": {}, "distilbert": {}, "llama": {}, "gpt2": {}, "mistral": {},
                   "modernbert": {"local_attention": 16},
-                  "modernbert mean": {"local_attention": 16, "classifier_pooling": "mean"}}
+                  "modernbert mean": {"local_attention": 16, "classifier_pooling": "mean"},
+                  "albert": {}, "deberta-v2": {},  # as DeBERTa-v3 (relative); then as v2:
+                  "deberta-v2 absolute": dict(relative_attention=False,
+                                              position_biased_input=True)}
 
 
 @pytest.mark.parametrize("architecture", ["electra", "bert", *OTHER_FAMILIES])
@@ -63,7 +67,7 @@ def test_packed_logits_equal_each_review_alone(architecture, tiny_model_dir):
     else:  # RoBERTa: positions from after the padding index; decoders: causal, the last token
         from test_families import tiny_classifier
         family = architecture.split()[0]
-        if family not in [m[:-len("ForSequenceClassification")].lower()
+        if family.replace("-", "") not in [m[:-len("ForSequenceClassification")].lower()
                           for m in fe.PACKABLE_MODELS]:
             pytest.skip(f"transformers {transformers.__version__}: no packing for {family}")
         model = tiny_classifier(family, **{"n_positions" if family == "gpt2" else
@@ -224,18 +228,34 @@ def test_a_sliding_window_shorter_than_the_rows_is_refused(sentiment_dir, tmp_pa
 
 def test_a_model_whose_head_packing_does_not_know_is_refused(sentiment_dir, tmp_path, capsys,
                                                               tiny_model_dir):
-    from transformers import AutoTokenizer
-    from test_families import tiny_classifier
-    tiny_classifier("deberta-v2").save_pretrained(tmp_path / "deberta")
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "deberta")
-    error = cli_error(capsys, run_args(tmp_path / "deberta", sentiment_dir, tmp_path / "run",
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, MPNetConfig
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(MPNetConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64)).save_pretrained(tmp_path / "mpnet")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "mpnet")
+    error = cli_error(capsys, run_args(tmp_path / "mpnet", sentiment_dir, tmp_path / "run",
                                        "--padding", "packed"))
     assert error == (f"error: --padding packed knows the heads of {', '.join(fe.PACKABLE_MODELS)}, "
-                     "not DebertaV2ForSequenceClassification: use --padding max_length")
+                     "not MPNetForSequenceClassification: use --padding max_length")
     assert fe.PACKABLE_MODELS[:4] == ("ElectraForSequenceClassification",
                                       "BertForSequenceClassification",
                                       "RobertaForSequenceClassification",
                                       "XLMRobertaForSequenceClassification")
+
+
+def test_deberta_with_a_convolution_is_refused():
+    """DeBERTa-v2's optional convolution after its first block mixes neighbouring tokens,
+    across the reviews of a row (DeBERTa-v3 has none)."""
+    from test_families import tiny_classifier
+    if "DebertaV2ForSequenceClassification" not in fe.PACKABLE_MODELS:
+        pytest.skip(f"transformers {transformers.__version__}: no packing for DeBERTa-v2")
+    args = types.SimpleNamespace(max_length=64, max_per_row=3, seed=0)
+    with pytest.raises(fe.FinetuneError) as refused:
+        fe.packing_for(args, tiny_classifier("deberta-v2", conv_kernel_size=3), "packed")
+    assert str(refused.value) == (
+        "--padding packed: DebertaV2ForSequenceClassification mixes neighbouring tokens by a "
+        "convolution (conv_kernel_size), across the reviews of a row; use --padding max_length")
 
 
 def test_packed_rows_go_through_the_ipu_flow_on_the_standin(fake_poptorch, tiny_model_dir,

@@ -319,21 +319,27 @@ NO_DROPOUT = {"roberta": dict(hidden_dropout_prob=0.0, attention_probs_dropout_p
 
 
 @NEEDS_PIPELINING
-@pytest.mark.parametrize("family", list(NO_DROPOUT))
+@pytest.mark.parametrize("family", [*NO_DROPOUT, "deberta-v2 packed"])
 def test_other_families_in_a_pipeline_equal_one_process(family, sentiment_dir, tmp_path):
     """Issue 38: RoBERTa (encoder.layer, position ids after the padding index), DeBERTa-v2
     (relative attention, as DeBERTa-v3's, with its shared relative embeddings), DistilBERT
     (transformer.layer), ModernBERT (layers, rotary positions) and the decoders Llama and
     GPT-2 (layers, h; the head's last token found from the mask on the first stage) split
-    over 2 stages train as one process does, step by step."""
+    over 2 stages train as one process does, step by step. Packed DeBERTa: its blocks take
+    the packed mask, its embeddings a 2D one."""
     import transformers
     from test_families import tiny_classifier
+    family, *packed = family.split()
     model = tiny_classifier(family, **NO_DROPOUT[family])  # skips where transformers lacks it
+    if packed and type(model).__name__ not in fe.PACKABLE_MODELS:
+        pytest.skip(f"transformers {transformers.__version__}: no packing for {family}")
     model_dir = tmp_path / family
     model.save_pretrained(model_dir)
     transformers.AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(model_dir)
-    single = assert_a_pipeline_equals_one_process(model_dir, sentiment_dir, tmp_path)
-    assert len(single) == 12  # 96 reviews, 8 an optimizer step
+    single = assert_a_pipeline_equals_one_process(
+        model_dir, sentiment_dir, tmp_path,
+        *(["--padding", "packed", "--max-length", "64", "--max-per-row", "3"] if packed else []))
+    assert len(single) == (6 if packed else 12)  # 96 reviews: 12 steps of 8 (packed rows: 6)
 
 
 @NEEDS_PIPELINING
