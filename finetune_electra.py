@@ -191,7 +191,8 @@ def plan_stages(model, stages):
     (embeddings) on stage 0, the blocks spread over the others, what runs after them
     (final norm, pooler, the head) on the last. Modules without weights (rotary tables)
     stay on the stage that runs them."""
-    base_name, (blocks_name, blocks) = model.base_model_prefix, transformer_blocks(model)
+    blocks_name, blocks = transformer_blocks(model, stages)
+    base_name = model.base_model_prefix
     parent = blocks_name.rpartition(".")[0]  # encoder (BERT), transformer (DistilBERT), none
     children = []  # the base model's, with the blocks' parent opened up
     for name, module in model.base_model.named_children():
@@ -1632,7 +1633,7 @@ def subset(ds, n, seed):
     return ds.shuffle(seed=seed).select(range(n))
 
 
-def transformer_blocks(model):
+def transformer_blocks(model, stages):
     """(name, list) of a classifier's transformer blocks, the first list in its base model:
     encoder.layer (BERT, ELECTRA, RoBERTa, DeBERTa), transformer.layer (DistilBERT), layers
     (ModernBERT, Llama, Qwen, Mistral, Gemma), h (GPT-2)."""
@@ -1643,7 +1644,7 @@ def transformer_blocks(model):
         raise FinetuneError(f"cannot find the transformer blocks of {kind} (a list of layers in "
                             "its base model) to place on stages: use --stages 1")
     depth = getattr(model.config, "num_hidden_layers", len(blocks))
-    if depth != len(blocks):  # ALBERT: one layer's weights at every depth
+    if depth != len(blocks) and stages > 1:  # ALBERT: one layer's weights at every depth
         raise FinetuneError(f"{kind} runs {counted(len(blocks), 'block')} at {depth} depths "
                             "(shared weights), which cannot be spread over pipeline stages: use "
                             "--stages 1 (on IPUs, --ipus 1)")

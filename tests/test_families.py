@@ -84,11 +84,16 @@ def test_the_stage_plan_places_every_weight_once_blocks_between_embeddings_and_h
 
 
 def test_albert_shares_its_layer_so_stages_are_refused_in_one_line():
+    model = tiny_classifier("albert")
     with pytest.raises(fe.FinetuneError) as refused:
-        fe.plan_stages(tiny_classifier("albert"), 2)
+        fe.plan_stages(model, 2)
     assert str(refused.value) == ("AlbertForSequenceClassification runs 1 block at 3 depths "
                                   "(shared weights), which cannot be spread over pipeline "
                                   "stages: use --stages 1 (on IPUs, --ipus 1)")
+    plan = fe.plan_stages(model, 1)  # the advice holds: one IPU takes every weight
+    placed = [p for name, stage in plan for p in model.get_submodule(name).parameters()]
+    assert {stage for _, stage in plan} == {0}
+    assert len({id(p) for p in placed}) == len(placed) == len(list(model.parameters()))
 
 
 @pytest.mark.parametrize("family", ["modernbert", "llama", "gpt2", "distilbert", "albert",
