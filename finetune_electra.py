@@ -191,8 +191,7 @@ def plan_stages(model, stages):
     (embeddings) on stage 0, the blocks spread over the others, what runs after them
     (final norm, pooler, the head) on the last. Modules without weights (rotary tables)
     stay on the stage that runs them."""
-    blocks_name, blocks = transformer_blocks(model, stages)
-    base_name = model.base_model_prefix
+    (blocks_name, blocks), base_name = transformer_blocks(model, stages), model.base_model_prefix
     parent = blocks_name.rpartition(".")[0]  # encoder (BERT), transformer (DistilBERT), none
     children = []  # the base model's, with the blocks' parent opened up
     for name, module in model.base_model.named_children():
@@ -1808,15 +1807,16 @@ PACKING_WINDOW = 1000   # reviews packed together: enough to fill rows, still sh
 ROW_COUNT_EPOCHS = 3
 PACKABLE_MODELS = ("ElectraForSequenceClassification", "BertForSequenceClassification",
                    "RobertaForSequenceClassification", "XLMRobertaForSequenceClassification",
-                   "DebertaV2ForSequenceClassification") + (
-    # 4.x: DistilBERT's model takes no position ids, ALBERT's no 3D mask, and the decoders'
-    # no 4D mask (GPT-2) or a causal one they build from a 2D mask only
-    ("DistilBertForSequenceClassification", "AlbertForSequenceClassification",
-     "ModernBertForSequenceClassification",
-     "LlamaForSequenceClassification",
-     "GPT2ForSequenceClassification", "Qwen2ForSequenceClassification",
-     "MistralForSequenceClassification", "GemmaForSequenceClassification")
-    if TRANSFORMERS_VERSION >= (5, 0) else ())
+                   "DebertaV2ForSequenceClassification")
+# 4.x: DistilBERT's model takes no position ids, ALBERT's no 3D mask, and the decoders'
+# no 4D mask (GPT-2) or a causal one they build from a 2D mask only
+PACKABLE_WITH_TRANSFORMERS_5 = (
+    "DistilBertForSequenceClassification", "AlbertForSequenceClassification",
+    "ModernBertForSequenceClassification", "LlamaForSequenceClassification",
+    "GPT2ForSequenceClassification", "Qwen2ForSequenceClassification",
+    "MistralForSequenceClassification", "GemmaForSequenceClassification")
+if TRANSFORMERS_VERSION >= (5, 0):
+    PACKABLE_MODELS += PACKABLE_WITH_TRANSFORMERS_5
 
 
 def packing_for(args, model, padding):
@@ -1824,6 +1824,9 @@ def packing_for(args, model, padding):
     if padding != "packed":
         return None
     kind, window = type(model).__name__, getattr(model.config, "sliding_window", None)
+    if kind not in PACKABLE_MODELS and kind in PACKABLE_WITH_TRANSFORMERS_5:
+        raise FinetuneError(f"--padding packed: {kind} packs with transformers 5 (this is "
+                            f"{transformers.__version__}): use --padding max_length")
     if kind not in PACKABLE_MODELS:
         raise FinetuneError(f"--padding packed knows the heads of {', '.join(PACKABLE_MODELS)}, "
                             f"not {kind}: use --padding max_length")

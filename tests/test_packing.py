@@ -244,6 +244,18 @@ def test_a_model_whose_head_packing_does_not_know_is_refused(sentiment_dir, tmp_
                                       "XLMRobertaForSequenceClassification")
 
 
+def test_a_family_packed_with_transformers_5_only_says_so(monkeypatch):
+    """The IPU host's transformers 4.46: DistilBERT's model there takes no position ids."""
+    from test_families import tiny_classifier
+    monkeypatch.setattr(fe, "PACKABLE_MODELS", fe.PACKABLE_MODELS[:5])  # as on 4.x
+    args = types.SimpleNamespace(max_length=64, max_per_row=3, seed=0)
+    with pytest.raises(fe.FinetuneError) as refused:
+        fe.packing_for(args, tiny_classifier("distilbert"), "packed")
+    assert str(refused.value) == (
+        "--padding packed: DistilBertForSequenceClassification packs with transformers 5 (this "
+        f"is {transformers.__version__}): use --padding max_length")
+
+
 def test_deberta_with_a_convolution_is_refused():
     """DeBERTa-v2's optional convolution after its first block mixes neighbouring tokens,
     across the reviews of a row (DeBERTa-v3 has none)."""
