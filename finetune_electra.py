@@ -3108,22 +3108,21 @@ def checkpoint_name(state):
 
 
 def save_checkpoint(out_dir, snapshot, state, keep):
-    """Write TrainedState.snapshot() and the run's state as the newest checkpoint."""
+    """Write TrainedState.snapshot() and the run's state as the newest checkpoint. With
+    its config and tokenizer it is a model directory, as save_pretrained writes one:
+    --predict and --model take a checkpoint of an unfinished run."""
     root = out_dir / "checkpoints"
     final = root / checkpoint_name(state)
     if final.exists():  # this very state is saved already (Ctrl-C right after a checkpoint)
         if not damaged_files(final):
             return final
         shutil.rmtree(final)  # the damaged copy a resumed run fell back from
-    tmp = root / f".{final.name}.tmp"
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        write_checkpoint_files(tmp, snapshot, state)
-        os.rename(tmp, final)
+        write_model_dir(final, snapshot, {"optimizer.safetensors": snapshot.tensors,
+                                          "state.json": {**state, **snapshot.saved}})
         fsync_path(root)
     except OSError as exc:  # a full disk: the previous checkpoint stays the newest, intact
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(root / f".{final.name}.tmp", ignore_errors=True)
         previous = list_checkpoints(out_dir)
         kept = f"the newest intact one is {previous[-1]}" if previous else "no earlier one"
         raise FinetuneError(f"could not write checkpoint {final} ({exc.strerror or exc}); "
@@ -3131,13 +3130,6 @@ def save_checkpoint(out_dir, snapshot, state, keep):
     for old in list_checkpoints(out_dir)[:-keep]:
         shutil.rmtree(old)
     return final
-
-
-def write_checkpoint_files(folder, snapshot, state):
-    """The weights with the config and tokenizer are a model directory, as save_pretrained
-    writes one: --predict and --model take a checkpoint of an unfinished run."""
-    write_model_files(folder, snapshot, {"optimizer.safetensors": snapshot.tensors,
-                                         "state.json": {**state, **snapshot.saved}})
 
 
 def write_model_files(folder, snapshot, extra):

@@ -319,14 +319,14 @@ SLOW_SAVE = """
 import pathlib, sys, time
 sys.path.insert(0, {root!r})
 import finetune_electra as fe
-write = fe.write_checkpoint_files
+write = fe.write_model_files
 
 def slow_write(folder, *args):
     pathlib.Path({flag!r}).write_text(folder.name)
     time.sleep(1.0)
     write(folder, *args)
 
-fe.write_checkpoint_files = slow_write
+fe.write_model_files = slow_write
 sys.exit(fe.cli(sys.argv[1:]))
 """
 
