@@ -1963,7 +1963,8 @@ class PackedRows(torch.utils.data.Dataset):
 
 
 # transformers 5 takes a 4D additive mask as given; 4.x (the IPU host's) takes a
-# 3D 0/1 mask and makes the 4D one itself. Either way it is block-diagonal.
+# 3D 0/1 mask and makes the 4D one itself. Either way it is block-diagonal. DeBERTa's
+# blocks take 0/1 in both (an additive mask would be silently wrong there).
 ADDITIVE_4D_MASK = TRANSFORMERS_VERSION >= (5, 0)
 
 
@@ -1982,6 +1983,7 @@ def packed_attention(review_of_token, position_ids, per_row, dtype, read="first"
     first, a decoder's last (`read`: "last"; its mask causal too), or all its tokens'
     mean ("mean"); an empty slot's are all zero. window: ModernBERT's sliding layers
     attend within it: their mask has that band too (a dict, as its model takes one).
+    additive: the mask as a float to add (4D), else as 0/1 (3D).
 
     Comparisons only, ops that PopTorch compiles (no eye, no cumsum; the positions
     come from the host), as in PackedBERT. A token attends to the tokens of its own
@@ -2038,7 +2040,7 @@ class PackedClassifier(torch.nn.Module):
         embedded = self.model.get_input_embeddings()(input_ids)
         mask, first_token = packed_attention(attention_mask, position_ids, self.per_row,
                                              self.model.dtype, self.read, self.window,
-                                             ADDITIVE_4D_MASK and not self.deberta)  # its: 0/1
+                                             ADDITIVE_4D_MASK and not self.deberta)
         base = self.model.base_model
         if self.deberta:
             hidden = base.encoder(base.embeddings(
