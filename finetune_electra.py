@@ -3124,7 +3124,6 @@ def save_checkpoint(out_dir, snapshot, state, keep):
                                           "state.json": {**state, **snapshot.saved}})
         fsync_path(root)
     except OSError as exc:  # a full disk: the previous checkpoint stays the newest, intact
-        shutil.rmtree(root / f".{final.name}.tmp", ignore_errors=True)
         previous = list_checkpoints(out_dir)
         kept = f"the newest intact one is {previous[-1]}" if previous else "no earlier one"
         raise FinetuneError(f"could not write checkpoint {final} ({exc.strerror or exc}); "
@@ -3155,12 +3154,16 @@ def write_model_files(folder, snapshot, extra):
 
 def write_model_dir(final, snapshot, extra):
     """write_model_files into a temporary directory renamed into place: a kill mid-write
-    leaves the previous one."""
+    leaves the previous one; a failed write (a full disk) leaves no temporary directory."""
     tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_model_files(tmp, snapshot, extra)
-    move_into_place(tmp, final)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write_model_files(tmp, snapshot, extra)
+        move_into_place(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def move_into_place(source, final):
