@@ -1,10 +1,13 @@
 """Shared fixtures: a tiny random ELECTRA, a learnable synthetic sentiment set,
 the real MiniLM and IMDB where present. Nothing here touches the network."""
 
+import atexit
 import json
 import os
 import random
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -14,6 +17,12 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for a hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# datasets caches each file it reads, and each tokenization of it, under a key made of the
+# file's path: read from new temporary directories, a run left ~400 MB behind in
+# ~/.cache/huggingface/datasets that no later run reads. The session's own cache goes with it.
+DATASETS_CACHE = tempfile.mkdtemp(prefix="finetune-electra-tests-datasets-")
+os.environ["HF_DATASETS_CACHE"] = DATASETS_CACHE
+atexit.register(shutil.rmtree, DATASETS_CACHE, ignore_errors=True)
 
 ROOT = Path(__file__).resolve().parents[1]
 # Seconds a test waits for a process or a checkpoint: a guard against a hang, never a speed
