@@ -3122,7 +3122,6 @@ def save_checkpoint(out_dir, snapshot, state, keep):
     try:
         write_model_dir(final, snapshot, {"optimizer.safetensors": snapshot.tensors,
                                           "state.json": {**state, **snapshot.saved}})
-        fsync_path(root)
     except OSError as exc:  # a full disk: the previous checkpoint stays the newest, intact
         previous = list_checkpoints(out_dir)
         kept = f"the newest intact one is {previous[-1]}" if previous else "no earlier one"
@@ -3153,14 +3152,16 @@ def write_model_files(folder, snapshot, extra):
 
 
 def write_model_dir(final, snapshot, extra):
-    """write_model_files into a temporary directory renamed into place: a kill mid-write
-    leaves the previous one; a failed write (a full disk) leaves no temporary directory."""
+    """write_model_files into a temporary directory renamed into place (the rename flushed
+    too): a kill mid-write leaves the previous one; a failed write (a full disk) leaves no
+    temporary directory."""
     tmp = final.with_name(f".{final.name}.tmp")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         write_model_files(tmp, snapshot, extra)
         move_into_place(tmp, final)
+        fsync_path(final.parent)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
