@@ -9,7 +9,7 @@ iterations and output (anchor) modes; on CUDA or CPU, the same recipe in plain P
     python finetune_electra.py                        # the tutorial's recipe
     python finetune_electra.py --model DIR --dataset DIR --train-samples 2000
 
-Part one, up to the banner "Part two" at line 460, is the tutorial in its order:
+Part one, up to the banner "Part two" at line 454, is the tutorial in its order:
     1. Data: IMDB, tokenized           3. Pipeline stages: which layer on which IPU
     2. Model: ELECTRA, a new head      4. The IPU flow, in one function: finetune_on_ipus()
     5. finetune() and main(): what runs, and on which device
@@ -125,7 +125,7 @@ def load_model(name, label_names, eager_attention=False, say=print):
     if path is not None:
         check_model_dir(path)  # a damaged or missing file named, not failed on in transformers
     attention = {"attn_implementation": "eager"} if eager_attention else {}
-    with loading("model", name), quiet_transformers():  # its load report: ours instead
+    with loading("model", name):  # its load report quiet: ours instead
         tokenizer = AutoTokenizer.from_pretrained(name)
         model, loaded = AutoModelForSequenceClassification.from_pretrained(
             name, num_labels=len(label_names),
@@ -250,17 +250,6 @@ class IPUWrapper(torch.nn.Module):
         return out.loss, out.logits
 
 
-def set_output_all(opts):
-    """Return every micro-batch's outputs, not just the last one's.
-
-    The tutorial's `anchorMode(All)` was renamed `outputMode` in SDK 2.4 and
-    the old name removed in 2.5: use whichever this SDK has.
-    """
-    if hasattr(opts, "outputMode"):
-        return opts.outputMode(poptorch.OutputMode.All)
-    return opts.anchorMode(poptorch.AnchorMode.All)
-
-
 def ipu_options(args, accumulation, training):
     # Device iterations: the IPU runs this many optimizer steps (in training) per
     # call from the host, which is out of the loop meanwhile.
@@ -277,7 +266,12 @@ def ipu_options(args, accumulation, training):
     # anchorMode(All)); in training it brings back every micro-batch's loss, so
     # each optimizer step's loss is known (the default, Final, returns the last
     # micro-batch's only). That is 56 losses and 224 x 2 logits per call: < 2 KB.
-    set_output_all(opts)
+    # The tutorial's anchorMode(All) was renamed outputMode in SDK 2.4, and the old name
+    # removed in 2.5: whichever this SDK has.
+    if hasattr(opts, "outputMode"):
+        opts.outputMode(poptorch.OutputMode.All)
+    else:
+        opts.anchorMode(poptorch.AnchorMode.All)
     if training:
         opts.Training.gradientAccumulation(accumulation)
     return opts
@@ -344,7 +338,7 @@ def finetune_on_ipus(args, model, plan, data, run):
                                       shuffle=False, drop_last=True, generator=torch.Generator())
 
     # Pipeline stages, the wrapper naming the loss, PopTorch's AdamW, the two models.
-    run.progress.say_stage_plan(model, plan, "applied with poptorch.BeginBlock")
+    run.say(stage_table(model, plan, "applied with poptorch.BeginBlock"))
     place_on_ipus(model, plan)
     wrapped = IPUWrapper(data.classifier(model))  # --padding packed: a PackedClassifier
     optimizer = ipu_adamw(wrapped, args)
@@ -422,7 +416,7 @@ def finetune(args, device, ranks):
             else:
                 finetune_with_torch(args, device, model, plan, data, ranks, run)
         except EarlyStop:  # --early-stopping-patience: the run ends, its best model kept
-            stopped_early(run)
+            run.progress.write_results()
         except (Interrupted, StopNow) as why:  # Ctrl-C, SIGTERM: save (a second: don't), exit
             exit_on_stop(run, why)
         finally:
@@ -538,7 +532,7 @@ def build_parser():
     data.add_argument("--text-column", default="text", help="the column holding the texts")
     data.add_argument("--label-column", default="label",
                       help="the column holding the labels (integers or text)")
-    data.add_argument("--label-names", default=None,
+    data.add_argument("--label-names",
                       help="comma-separated names for integer labels 0,1,... (e.g. neg,pos); "
                       "for text labels, the order of their ids (exactly the labels found)")
     data.add_argument("--max-length", type=int, default=512, help="tokens kept per text")
@@ -548,8 +542,8 @@ def build_parser():
                       f"rounded up to a multiple of {BUCKET} tokens (a few static shapes, for CUDA "
                       "graphs); packed: several per row, each computed alone. auto: max_length on "
                       "IPU/pipelines, buckets on CUDA, dynamic on CPU")
-    data.add_argument("--max-per-row", type=int, default=None, help="--padding packed: at "
-                      f"most this many texts in a row (default {PACKED_MAX_PER_ROW})")
+    data.add_argument("--max-per-row", type=int, help=f"--padding packed: at most this many "
+                      f"texts in a row (default {PACKED_MAX_PER_ROW})")
     data.add_argument("--group-by-length", **AUTO_YES_NO,
                       help="batch texts of similar length together (auto: with dynamic padding)")
     data.add_argument("--train-sampling-strategy", dest="group_by_length",
@@ -557,10 +551,10 @@ def build_parser():
                       type=lambda v: {"group_by_length": "yes", "random": "no"}.get(v, v),
                       help="transformers 5's name: group_by_length (--group-by-length yes) or "
                       "random (no)")
-    data.add_argument("--train-samples", type=int, default=None,
-                      help="train on a random subset of this size (seeded)")
-    data.add_argument("--eval-samples", type=int, default=None,
-                      help="evaluate on a random subset of this size (seeded)")
+    data.add_argument("--train-samples", type=int, help="train on a random subset of this size "
+                      "(seeded)")
+    data.add_argument("--eval-samples", type=int, help="evaluate on a random subset of this size "
+                      "(seeded)")
 
     add_training_arguments(p)
 
@@ -588,19 +582,17 @@ def add_training_arguments(p):
     """The tutorial's recipe (epochs, batch, lr) and how it runs (device, precision, logging);
     the Trainer's names for them too."""
     train = p.add_argument_group("training")
-    train.add_argument("--epochs", "--num-train-epochs", dest="epochs", type=number, default=3,
+    train.add_argument("--epochs", "--num-train-epochs", type=number, default=3,
                        help="passes over the train split (a fraction ends the last one early, "
                        "as the Trainer's)")
-    train.add_argument("--batch-size", "--per-device-train-batch-size", dest="batch_size",
-                       type=int, default=4, help="samples per micro-batch")
-    train.add_argument("--eval-batch-size", "--per-device-eval-batch-size",
-                       dest="eval_batch_size", type=int, default=None,
+    train.add_argument("--batch-size", "--per-device-train-batch-size", type=int, default=4,
+                       help="samples per micro-batch")
+    train.add_argument("--eval-batch-size", "--per-device-eval-batch-size", type=int,
                        help="default: batch size x device iterations, the tutorial's "
                        "eval host batch (IPUs and torchrun pipelines: always that)")
-    train.add_argument("--lr", "--learning-rate", dest="lr", type=float, default=1e-6,
+    train.add_argument("--lr", "--learning-rate", type=float, default=1e-6,
                        help="AdamW learning rate")
-    train.add_argument("--gradient-accumulation", "--gradient-accumulation-steps",
-                       dest="gradient_accumulation", type=int, default=None,
+    train.add_argument("--gradient-accumulation", "--gradient-accumulation-steps", type=int,
                        help="micro-batches per optimizer step (default: 2 x stages - 1 on "
                        "pipelined IPUs, as PopTorch requires since SDK 2.4; 1 elsewhere)")
     train.add_argument("--seed", type=int, default=42,
@@ -611,7 +603,7 @@ def add_training_arguments(p):
                        default=argparse.SUPPRESS,
                        type=lambda v: v if v in DEVICES else "cpu" if yes_or_no(v) else "auto",
                        help="the Trainer's name for --device cpu")
-    train.add_argument("--compile", "--torch-compile", dest="compile", **TRAINER_BOOL,
+    train.add_argument("--compile", "--torch-compile", **TRAINER_BOOL,
                        help="torch.compile the model (CUDA/CPU)")
     train.add_argument("--cuda-graphs", choices=["auto", "yes", "no"], default="auto",
                        help="replay each train and eval step as a CUDA graph (auto: on one CUDA "
@@ -621,9 +613,8 @@ def add_training_arguments(p):
                        "capability 8.0 and newer, else float16 with loss scaling; CPU float32)")
     train.add_argument("--fp16", **TRAINER_BOOL,
                        help="float16 autocast with dynamic loss scaling (CUDA/CPU)")
-    train.add_argument("--log-every", "--logging-steps", dest="log_every", type=step_count,
-                       default=10, help="steps between loss readings (progress bar, loss "
-                       f"curve); {RATIO_HELP}")
+    train.add_argument("--log-every", "--logging-steps", type=step_count, default=10,
+                       help=f"steps between loss readings (progress bar, loss curve); {RATIO_HELP}")
     train.add_argument("--on-nan", choices=["stop", "skip"], default="stop",
                        help="on a non-finite loss: stop (after saving), or skip that step")
 
@@ -645,26 +636,26 @@ def add_trainer_arguments(p):
     sched.add_argument("--weight-decay", type=float, default=0.01,
                        help="AdamW's decoupled weight decay (its default, the tutorial's); "
                        "biases and LayerNorm weights are not decayed, as in the Trainer")
-    sched.add_argument("--max-grad-norm", type=float, default=None,
+    sched.add_argument("--max-grad-norm", type=float,
                        help="clip the gradients' global norm to this (default: no clipping, "
                        "the tutorial; 0 too; the Trainer's: 1.0)")
-    sched.add_argument("--max-steps", type=int, default=None,
+    sched.add_argument("--max-steps", type=int,
                        help="train this many optimizer steps in all (overrides --epochs; -1: "
                        "none); --resume with a larger one trains on from where it stopped")
     sched.add_argument("--eval-strategy", choices=["no", "steps", "epoch"], default="epoch",
                        help="when to evaluate: at each epoch end (the tutorial; with "
                        "--eval-steps, also every N steps), every --eval-steps steps only "
                        "(without --eval-steps: every --log-every steps), or never")
-    sched.add_argument("--eval-steps", type=step_count, default=None,
+    sched.add_argument("--eval-steps", type=step_count,
                        help=f"evaluate every N optimizer steps; {RATIO_HELP}")
     sched.add_argument("--load-best-model-at-end", **TRAINER_BOOL,
                        help="<output-dir>/model gets the weights of the best evaluation")
     sched.add_argument("--metric-for-best-model", choices=["accuracy", "f1", "loss"],
-                       default=None, type=lambda v: v[len("eval_"):] if v.startswith("eval_")
-                       else v, help="what 'best' means: the highest accuracy (with "
+                       type=lambda v: v[len("eval_"):] if v.startswith("eval_") else v,
+                       help="what 'best' means: the highest accuracy (with "
                        "--load-best-model-at-end alone), or macro F1, or the lowest eval loss "
                        "(eval_accuracy, eval_f1, eval_loss too)")
-    sched.add_argument("--early-stopping-patience", type=int, default=None,
+    sched.add_argument("--early-stopping-patience", type=int,
                        help="stop after this many evaluations without a better one (needs "
                        "--load-best-model-at-end)")
     sched.add_argument("--report-to", choices=["none", "tensorboard", "all"], default="none",
@@ -676,25 +667,23 @@ def add_trainer_arguments(p):
 def add_output_arguments(p):
     """Where results go, checkpoints, and prediction with a fine-tuned model."""
     out = p.add_argument_group("results and checkpoints")
-    out.add_argument("--output-dir", default=None, help="default: runs/<timestamp>")
-    out.add_argument("--save-every", "--save-steps", dest="save_every", type=step_count,
-                     default=None, help="also checkpoint every N optimizer steps (always at "
-                     f"each epoch end); {RATIO_HELP}")
-    out.add_argument("--keep", "--save-total-limit", dest="keep", type=int, default=2,
-                     help="checkpoints kept")
-    out.add_argument("--resume", "--resume-from-checkpoint", dest="resume", default=None,
-                     help="an output directory to continue (or its newest checkpoint), 'auto' "
-                     "for the newest unfinished run in runs/, or 'true': --output-dir's")
+    out.add_argument("--output-dir", help="default: runs/<timestamp>")
+    out.add_argument("--save-every", "--save-steps", type=step_count, help="also checkpoint "
+                     f"every N optimizer steps (always at each epoch end); {RATIO_HELP}")
+    out.add_argument("--keep", "--save-total-limit", type=int, default=2, help="checkpoints kept")
+    out.add_argument("--resume", "--resume-from-checkpoint", help="an output directory to "
+                     "continue (or its newest checkpoint), 'auto' for the newest unfinished run "
+                     "in runs/, or 'true': --output-dir's")
     out.add_argument("--overwrite", action="store_true",
                      help="replace the run in --output-dir (it is kept until the new run's "
                      "first checkpoint is written)")
 
     pred = p.add_argument_group("prediction (no training)")
-    pred.add_argument("--predict", metavar="MODEL_DIR", default=None,
+    pred.add_argument("--predict", metavar="MODEL_DIR",
                       help="classify TEXTS (or --predict-file) with a fine-tuned model: "
                       "<output-dir>/model, a checkpoint, or the output directory (its model, "
                       "else its newest checkpoint)")
-    pred.add_argument("--predict-file", default=None, help="one text per line")
+    pred.add_argument("--predict-file", help="one text per line")
     pred.add_argument("texts", nargs="*", help="texts to classify with --predict")
 
 
@@ -715,7 +704,17 @@ def parse_args(argv=None):
             raise FinetuneError("--overwrite starts a new run and --resume continues one: "
                                 "give one of them")
         resumed.resume, resumed.output_dir = args.resume, str(args.resume)
-        resumed.changes = resume_changes(saved, resumed)
+        # What this resume changes of the run's settings: refused where it changes what the
+        # saved state means, else kept and recorded (epochs, lr, --on-nan, cadences ...).
+        resumed.changes = {k: (saved[k], v) for k, v in vars(resumed).items()
+                           if k in saved and k not in NOT_RESUMED and saved[k] != v}
+        fixed = [k for k in resumed.changes if k in FIXED_ON_RESUME]
+        if fixed:
+            flags = ", ".join(f"--{k.replace('_', '-')} {resumed.changes[k][0]} → "
+                              f"{resumed.changes[k][1]}" for k in fixed)
+            raise FinetuneError(f"--resume {args.resume}: {flags} would change what its "
+                                "checkpoints mean; resume with the run's own settings, or start "
+                                "a new run in a new --output-dir")
         args = resumed
         refuse_finished_resume(args)
     check_ranges(args)
@@ -746,21 +745,6 @@ NOT_RESUMED = ("resume", "texts", "overwrite", "output_dir")
 FIXED_ON_RESUME = ("model", "dataset", "text_column", "label_column", "label_names",
                    "train_samples", "eval_samples", "max_length", "padding", "max_per_row",
                    "batch_size", "gradient_accumulation", "stages", "replicas", "seed")
-
-
-def resume_changes(saved, args):
-    """What this resume changes of the run's settings: refused where it changes what
-    the saved state means, else returned (epochs, lr, --on-nan, cadences ...)."""
-    changes = {k: (saved[k], v) for k, v in vars(args).items()
-               if k in saved and k not in NOT_RESUMED and saved[k] != v}
-    fixed = [k for k in changes if k in FIXED_ON_RESUME]
-    if fixed:
-        flags = ", ".join(f"--{k.replace('_', '-')} {changes[k][0]} → {changes[k][1]}"
-                          for k in fixed)
-        raise FinetuneError(f"--resume {args.resume}: {flags} would change what its "
-                            "checkpoints mean; resume with the run's own settings, or start a "
-                            "new run in a new --output-dir")
-    return changes
 
 
 # What each number must be, as (argument, test, words for the error); optional ones
@@ -817,17 +801,38 @@ def check_ranges(args):
 
 
 def check_device_args(args):
-    """Flags this device cannot honour, refused before minutes of loading."""
+    """Flags this device cannot honour, refused before minutes of loading (on IPUs, and
+    of compiling, what PopTorch would refuse)."""
     in_pipeline = "RANK" in os.environ and args.stages > 1  # torchrun's pipeline stages
-    if args.device == "ipu":
-        check_ipu_args(args)
-    elif args.replicas > 1:
+    stages, ipus, on_ipu = args.stages, args.stages * args.replicas, args.device == "ipu"
+    if on_ipu and (ipus & (ipus - 1) or ipus > 64):  # popart_compiler's CompilerImpl.cpp
+        raise FinetuneError(f"--ipus {stages} x --replicas {args.replicas} = {ipus} IPUs: PopTorch "
+                            "reserves IPUs in powers of two (at most 64 per process), so use "
+                            "stage and replica counts of 1, 2, 4, 8 or 16")
+    if on_ipu and args.device_iterations < stages:
+        raise FinetuneError(f"--device-iterations {args.device_iterations} cannot fill a "
+                            f"{stages}-stage pipeline: use at least {stages}")
+    for given, why in ((args.on_nan == "skip", "--on-nan skip is not possible on IPU: the "
+                        "device applies each step before the host sees its loss"),
+                       (args.save_every, "--save-every is not available on IPU: the weights "
+                        "reach the host only on detach, so checkpoints are taken at epoch ends"),
+                       (args.fp16, "--fp16 is for CUDA and CPU: on IPUs half precision is the "
+                        "model's own dtype, with a static loss scale (not in this script)")):
+        if on_ipu and given:
+            raise FinetuneError(why)
+    for name in ("eval_steps", "max_steps"):  # the host acts between calls, not within one
+        value = getattr(args, name)  # (a ratio is rounded up to a multiple: StepPlan.steps)
+        if on_ipu and value and value >= 1 and value % args.device_iterations:
+            raise FinetuneError(f"--{name.replace('_', '-')} {value}: on IPUs a multiple of "
+                                f"--device-iterations ({args.device_iterations}), as each host "
+                                "call runs that many steps")
+    if not on_ipu and args.replicas > 1:
         raise FinetuneError("--replicas is for IPUs; on CUDA/CPU start one process per replica "
                             "with torchrun (see the README)")
-    elif in_pipeline and (args.fp16 or args.bf16 == "yes"):
+    if not on_ipu and in_pipeline and (args.fp16 or args.bf16 == "yes"):
         raise FinetuneError(f"{'--fp16' if args.fp16 else '--bf16 yes'}: torchrun's pipeline "
                             "stages are traced in float32; use --stages 1 (data parallel)")
-    if args.eval_batch_size and (args.device == "ipu" or in_pipeline):
+    if args.eval_batch_size and (on_ipu or in_pipeline):
         raise FinetuneError("--eval-batch-size: on IPUs and in torchrun pipelines an eval "
                             "batch is --batch-size x --device-iterations (static shapes); leave "
                             "it out")
@@ -842,32 +847,6 @@ def check_device_args(args):
                                 "install tensorboard (the versions in requirements-test.txt)"
                                 ) from None
 
-
-def check_ipu_args(args):
-    """What PopTorch would refuse only after minutes of loading and compiling."""
-    stages, ipus = args.stages, args.stages * args.replicas
-    if ipus & (ipus - 1) or ipus > 64:  # popart_compiler/source/CompilerImpl.cpp
-        raise FinetuneError(f"--ipus {stages} x --replicas {args.replicas} = {ipus} IPUs: PopTorch "
-                            "reserves IPUs in powers of two (at most 64 per process), so use "
-                            "stage and replica counts of 1, 2, 4, 8 or 16")
-    if args.device_iterations < stages:
-        raise FinetuneError(f"--device-iterations {args.device_iterations} cannot fill a "
-                            f"{stages}-stage pipeline: use at least {stages}")
-    if args.on_nan == "skip":
-        raise FinetuneError("--on-nan skip is not possible on IPU: the device applies each "
-                            "step before the host sees its loss")
-    if args.save_every:
-        raise FinetuneError("--save-every is not available on IPU: the weights reach the host "
-                            "only on detach, so checkpoints are taken at epoch ends")
-    if args.fp16:
-        raise FinetuneError("--fp16 is for CUDA and CPU: on IPUs half precision is the model's "
-                            "own dtype, with a static loss scale (not in this script)")
-    for name in ("eval_steps", "max_steps"):  # the host acts between calls, not within one
-        value = getattr(args, name)  # (a ratio is rounded up to a multiple: StepPlan.steps)
-        if value and value >= 1 and value % args.device_iterations:
-            raise FinetuneError(f"--{name.replace('_', '-')} {value}: on IPUs a multiple of "
-                                f"--device-iterations ({args.device_iterations}), as each host "
-                                "call runs that many steps")
 
 
 # ----------------------------------------------------------------------------
@@ -1137,9 +1116,9 @@ def describe_run(out_dir):
     metrics = epoch_lines(lines)
     if not (metrics or checkpoints or (out_dir / "model").is_dir()):
         return None
-    settings = settings_or_none(out_dir)
+    settings = run_settings(out_dir, unknown_if_damaged=True)
     epochs = settings.get("epochs", "?")
-    if is_finished(out_dir, settings, lines):
+    if is_finished(out_dir, settings):
         accuracy = [m["accuracy"] for m in lines if "accuracy" in m][-1:]
         steps = newest_state(out_dir).get("global_step", 0)
         trained = (f"{steps:,} optimizer steps" if settings.get("max_steps")
@@ -1149,12 +1128,13 @@ def describe_run(out_dir):
     return f"an unfinished run: {len(metrics)} of {epochs} epochs done, {newest}"
 
 
-def is_finished(out_dir, settings, lines):
-    """Its model saved, and (its settings as last asked; `lines`: its metric_lines, where the
-    last epoch's line is) stopped early, or its newest checkpoint at the last step its
-    --max-steps or --epochs ask for."""
+def is_finished(out_dir, settings=None):
+    """Its model saved, and (its settings as last asked: `settings`, else its own) stopped
+    early, or its newest checkpoint at the last step its --max-steps or --epochs ask for."""
     if not (out_dir / "model").is_dir():
         return False
+    lines = metric_lines(out_dir)
+    settings = settings or run_settings(out_dir, unknown_if_damaged=True)
     if any(m.get("stopped_early") for m in lines):
         return True
     if not any("train_loss" in m for m in lines):
@@ -1191,24 +1171,25 @@ def set_aside(out_dir):
             os.rename(path, kept / name)
 
 
-def drop_overwritten(out_dir):
-    """The new run has a checkpoint (or its model): the run it replaced can go."""
-    shutil.rmtree(Path(out_dir) / OVERWRITTEN, ignore_errors=True)
-
-
-def run_settings(out_dir):
+def run_settings(out_dir, unknown_if_damaged=False):
     """A run's settings as last asked: args.json (how it started) with each resume's
-    changes (resumes.jsonl) applied in order."""
-    settings = read_json(out_dir / "args.json")
-    if (out_dir / "resumes.jsonl").is_file():
-        for line in read_text(out_dir / "resumes.jsonl").splitlines():
+    changes (resumes.jsonl) applied in order. unknown_if_damaged: a damaged record is a
+    run all the same, whose settings are unknown ({}), not an error."""
+    try:
+        settings = read_json(out_dir / "args.json")
+        for line in (read_text(out_dir / "resumes.jsonl").splitlines()
+                     if (out_dir / "resumes.jsonl").is_file() else []):
             try:
                 changed = json.loads(line)["changed"]
             except (ValueError, KeyError, TypeError):
                 raise FinetuneError(f"{out_dir / 'resumes.jsonl'} is damaged (a line is not a "
                                     "resume record)") from None
             settings.update({k: new for k, (_, new) in changed.items()})
-    return settings
+    except FinetuneError:
+        if not unknown_if_damaged:
+            raise
+        return {}
+    return settings if isinstance(settings, dict) or not unknown_if_damaged else {}
 
 
 def metric_lines(out_dir):
@@ -1229,7 +1210,7 @@ def epoch_lines(lines):
 def refuse_finished_resume(args):
     """--resume of a finished run (is_finished): nothing on disk changes."""
     lines = metric_lines(args.resume)
-    if is_finished(args.resume, vars(args), lines):
+    if is_finished(args.resume, vars(args)):
         done, steps = len(epoch_lines(lines)), newest_state(args.resume).get("global_step", 0)
         more = (f"it stopped early at step {lines[-1]['step']:,}; start a new run to train on"
                 if any(m.get("stopped_early") for m in lines) else
@@ -1244,11 +1225,22 @@ def refuse_finished_resume(args):
 
 
 def resolve_resume_dir(value, output_dir=None):
-    """The run directory --resume names: a directory, 'auto', or as the Trainer's
-    --resume-from-checkpoint, 'true' (--output-dir's run) or a checkpoint (its newest)."""
+    """The run directory --resume names: a directory, 'auto' (of the runs under runs/ with a
+    checkpoint, the newest unfinished), or as the Trainer's --resume-from-checkpoint, 'true'
+    (--output-dir's run) or a checkpoint (its newest)."""
     if value.lower() == "true" and output_dir:
         value = output_dir
-    path = newest_unfinished_run() if value == "auto" else Path(value)
+    path = Path(value)
+    if value == "auto":
+        runs = sorted((d for d in Path("runs").glob("*") if list_checkpoints(d)),
+                      key=lambda d: list_checkpoints(d)[-1].stat().st_mtime)
+        if not runs:
+            raise FinetuneError("--resume auto: no run with a checkpoint under runs/")
+        unfinished = [d for d in runs if not is_finished(d)]
+        if not unfinished:
+            raise NothingToDo(f"--resume auto: every run under runs/ is finished; the newest is "
+                              f"{runs[-1]} ({describe_run(runs[-1])})")
+        path = unfinished[-1]
     if path.parent.name == "checkpoints" and (path / "state.json").is_file():
         newest = list_checkpoints(path.parent.parent)[-1]
         if newest.name != path.name:
@@ -1258,34 +1250,11 @@ def resolve_resume_dir(value, output_dir=None):
         path = path.parent.parent
     if (path / OVERWRITTEN).is_dir() and not list_checkpoints(path):
         put_back(path)
-    finished = (path / "args.json").is_file() and is_finished(path, settings_or_none(path),
-                                                             metric_lines(path))
+    finished = (path / "args.json").is_file() and is_finished(path)
     if not finished and (not (path / "args.json").is_file() or not list_checkpoints(path)):
         raise FinetuneError(f"--resume {path}: no checkpoint there (expected args.json "
                             "and checkpoints/step-*)")
     return path
-
-
-def newest_unfinished_run():
-    """--resume auto: of the runs under runs/ with a checkpoint, the newest not finished."""
-    runs = sorted((d for d in Path("runs").glob("*") if list_checkpoints(d)),
-                  key=lambda d: list_checkpoints(d)[-1].stat().st_mtime)
-    if not runs:
-        raise FinetuneError("--resume auto: no run with a checkpoint under runs/")
-    unfinished = [d for d in runs
-                  if not is_finished(d, settings_or_none(d), metric_lines(d))]
-    if not unfinished:
-        raise NothingToDo(f"--resume auto: every run under runs/ is finished; the newest is "
-                          f"{runs[-1]} ({describe_run(runs[-1])})")
-    return unfinished[-1]
-
-
-def settings_or_none(out_dir):
-    try:
-        settings = run_settings(out_dir)
-    except FinetuneError:  # damaged: a run all the same, whose settings are unknown
-        return {}
-    return settings if isinstance(settings, dict) else {}
 
 
 def put_back(out_dir):
@@ -1318,41 +1287,32 @@ def local_path(flag, name, kind):
     """The local `kind` that `name` names, or None for a hub name. A hub-like name that is
     also a local path is taken as the local one, as transformers and datasets do: said."""
     path = Path(name).expanduser()
+    # Hub names are 'name' or 'owner/name'; anything else is meant as a local path.
+    meant_local = (name.startswith((".", "/", "~")) or name.count("/") > 1
+                   or path.suffix in DATA_SUFFIXES)
     if path.exists():
-        if not looks_like_path(name) and int(os.environ.get("RANK", 0)) == 0:
+        if not meant_local and int(os.environ.get("RANK", 0)) == 0:
             print(f"note: {flag} {name} is the local {kind} {path.resolve()}, not the hub's "
                   f"{name} (for the hub's, run from a directory without {name})",
                   file=sys.stderr)
         return path
-    if looks_like_path(name):
+    if meant_local:
         raise FinetuneError(f"{flag} {name}: no such {kind}")
     return None
-
-
-def looks_like_path(name):
-    """Hub names are 'name' or 'owner/name'; anything else is meant as a local path."""
-    return (name.startswith((".", "/", "~")) or name.count("/") > 1
-            or Path(name).suffix in DATA_SUFFIXES)
 
 
 def read_local_dataset(path):
     """--dataset PATH: the aclImdb folder, a save_to_disk directory, or split files."""
     if not path.is_dir():
         raise FinetuneError(f"--dataset {path}: give the directory holding the split files")
-    if (path / "train" / "pos").is_dir():
-        return read_aclimdb(path)
-    if (path / "dataset_dict.json").exists():
-        return load_from_disk(str(path))
-    return read_data_files(path)
-
-
-def read_aclimdb(root):
-    """The original Stanford release: <split>/{neg,pos}/<id>_<rating>.txt."""
-    splits = {}
+    if not (path / "train" / "pos").is_dir():
+        dataset_dict = (path / "dataset_dict.json").exists()
+        return load_from_disk(str(path)) if dataset_dict else read_data_files(path)
+    splits = {}  # the original Stanford release: <split>/{neg,pos}/<id>_<rating>.txt
     for split in ("train", "test"):
         texts, labels = [], []
         for label, name in enumerate(("neg", "pos")):
-            for f in sorted((root / split / name).glob("*.txt")):
+            for f in sorted((path / split / name).glob("*.txt")):
                 texts.append(read_text(f))
                 labels.append(label)
         splits[split] = Dataset.from_dict(
@@ -1477,21 +1437,10 @@ def encode_labels(splits, label_column, label_names=None):
     names = given or names
     if len(names) < 2:
         raise FinetuneError(f"the data has a single label ({names[0]}): need at least 2 classes")
-    check_eval_labels_trained(splits, label_column, names, text_labels)
-    class_label = ClassLabel(names=names)
-    for split, ds in splits.items():
-        if ds.features[label_column] != class_label:
-            if not isinstance(ds.features[label_column], ClassLabel) and given and not text_labels:
-                ds = ds.cast_column(label_column, datasets.Value("int64"))
-            splits[split] = ds.cast_column(label_column, class_label)
-    return names
-
-
-def check_eval_labels_trained(splits, label_column, names, text_labels):
-    """A label that only the eval split has would make a class the model never trains on,
-    and every review of it a certain miss: refused rather than silently counted."""
-    trained = set(splits["train"].unique(label_column))
-    unseen = sorted(set(splits["eval"].unique(label_column)) - trained)
+    # A label that only the eval split has would make a class the model never trains on,
+    # and every review of it a certain miss: refused rather than silently counted.
+    unseen = sorted(set(splits["eval"].unique(label_column))
+                    - set(splits["train"].unique(label_column)))
     if unseen:
         counts = pyarrow.compute.value_counts(splits["eval"].data.column(label_column)).to_pylist()
         found = {c["values"]: c["counts"] for c in counts}
@@ -1500,6 +1449,13 @@ def check_eval_labels_trained(splits, label_column, names, text_labels):
         raise FinetuneError(f"the eval split has labels the train split lacks: {described}; "
                             "a model cannot learn a label it never sees: remove those reviews "
                             "or add training examples of them")
+    class_label = ClassLabel(names=names)
+    for split, ds in splits.items():
+        if ds.features[label_column] != class_label:
+            if not isinstance(ds.features[label_column], ClassLabel) and given and not text_labels:
+                ds = ds.cast_column(label_column, datasets.Value("int64"))
+            splits[split] = ds.cast_column(label_column, class_label)
+    return names
 
 
 # What a tokenizer is saved as (save_pretrained writes one or more of them). Without
@@ -1548,26 +1504,20 @@ def check_tokenizer_fits(name, model, tokenizer):
 @contextlib.contextmanager
 def loading(what, name):
     """A model or dataset that does not load, as one line naming it; from the hub, with
-    how to run without one. The hub client and the loaders raise many kinds of error."""
+    how to run without one. The hub client and the loaders raise many kinds of error.
+    transformers' warnings are off meanwhile: its load report (a table listing the new
+    head's weights as MISSING) reads like an error on every start; say_what_is_new says it."""
     local = Path(name).expanduser().exists()
     if not local:
         reach_hub(what, name)  # seconds, not the hub client's minute of retries
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
     try:
         yield
     except Exception as exc:
         where = f"directory {name}" if local else f"'{name}' from the Hugging Face Hub"
         hint = "" if local else f"; {OFFLINE_HINT}"
         raise FinetuneError(f"could not load {what} {where} ({first_line(exc)}){hint}") from None
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """transformers' warnings off while loading: its load report (a table listing the new
-    head's weights as MISSING) reads like an error on every start; say_what_is_new says it."""
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
-        yield
     finally:
         transformers.logging.set_verbosity(verbosity)
 
@@ -2187,6 +2137,11 @@ class OptimizerStep:
     (--max-grad-norm), then the update, skipped on the device when the step's loss is
     not finite, or (--fp16) a gradient overflowed.
 
+    --fp16: float16's dynamic loss scaling, as torch's GradScaler does it, on the device:
+    the loss is multiplied by the scale before backward (scaled), so that small gradients
+    do not underflow float16; a step whose gradients overflowed is skipped and the scale
+    halved; after 2,000 steps without overflow it doubles.
+
     The host never waits for a loss to decide (a GPU would sit idle meanwhile):
     the fused AdamW takes a `found_inf` flag, as GradScaler uses it, and then
     leaves weights and moments as they were. With --on-nan stop, every later step
@@ -2195,10 +2150,11 @@ class OptimizerStep:
     on CPU) the host reads the flag: a sync, but a free one on a CPU.
     """
 
-    def __init__(self, optimizer, args, device, loss_scale=None, norm_group=None):
+    def __init__(self, optimizer, args, device, loss_scaling=False, norm_group=None):
         self.optimizer, self.sticky = optimizer, args.on_nan == "stop"
         self.max_norm, self.norm_group = args.max_grad_norm, norm_group
-        self.loss_scale = loss_scale
+        self.scale = torch.full((), 2.0 ** 16, device=device) if loss_scaling else None
+        self.good_steps = torch.zeros((), dtype=torch.int32, device=device)
         self.bad = torch.zeros((), dtype=torch.bool, device=device)
         self.fused = bool(optimizer.defaults.get("fused"))
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -2208,10 +2164,13 @@ class OptimizerStep:
         if self.sticky and apply:
             skip = skip | self.bad
             self.bad.copy_(skip)
-        if self.loss_scale is not None:
-            overflow = self.loss_scale.unscale(self.params)
+        if self.scale is not None:  # the gradients unscaled; a flag (1.0) where one overflowed
+            overflow = torch.zeros((), device=self.scale.device)
+            torch._amp_foreach_non_finite_check_and_unscale_(
+                [p.grad for p in self.params if p.grad is not None], overflow,
+                self.scale.reciprocal())
             if apply:
-                self.loss_scale.update(overflow)
+                torch._amp_update_scale_(self.scale, self.good_steps, overflow, 2.0, 0.5, 2000)
             skip = skip | overflow.bool()
         if self.max_norm:
             self.clip()
@@ -2222,6 +2181,9 @@ class OptimizerStep:
         elif not skip:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def scaled(self, loss):  # what backward starts from
+        return loss if self.scale is None else loss * self.scale
 
     def clip(self):
         """torch's clip_grad_norm_; a pipeline stage's gradients are a part of the model's,
@@ -2234,29 +2196,6 @@ class OptimizerStep:
         total = squares.sqrt()
         torch._foreach_mul_(grads, (self.max_norm / (total + 1e-6)).clamp(max=1.0))
         return total
-
-
-class LossScale:
-    """float16's dynamic loss scaling, as torch's GradScaler does it, on the device: the
-    loss is multiplied by the scale before backward, so that small gradients do not
-    underflow float16; a step whose gradients overflowed is skipped and the scale
-    halved; after 2,000 steps without overflow it doubles."""
-
-    def __init__(self, device, scale=2.0 ** 16, growth_interval=2000):
-        self.scale = torch.full((), scale, dtype=torch.float32, device=device)
-        self.good_steps = torch.zeros((), dtype=torch.int32, device=device)
-        self.growth_interval = growth_interval
-
-    def unscale(self, params):
-        """The gradients divided by the scale; a flag (1.0) if any of them is not finite."""
-        overflow = torch.zeros((), device=self.scale.device)
-        grads = [p.grad for p in params if p.grad is not None]
-        torch._amp_foreach_non_finite_check_and_unscale_(grads, overflow, self.scale.reciprocal())
-        return overflow
-
-    def update(self, overflow):
-        torch._amp_update_scale_(self.scale, self.good_steps, overflow, 2.0, 0.5,
-                                 self.growth_interval)
 
 
 # ----------------------------------------------------------------------------
@@ -2399,15 +2338,6 @@ def non_finite_loss(run, value, updates_applied):
                         "Lower --lr, or pass --on-nan skip")
 
 
-def stopped_early(run):
-    """--early-stopping-patience ended the run: say so, and write the results so far
-    (their last evaluation is marked: the run is finished)."""
-    run.say(f"early stopping at step {run.state['global_step']:,}: "
-            f"{counted(run.args.early_stopping_patience, 'evaluation')} in a row without a "
-            f"better {run.args.metric_for_best_model}")
-    run.progress.write_results()
-
-
 def epoch_metrics(state, data, args, figures, eval_seconds, seconds, warmup_seconds, schedule):
     """One line of metrics.jsonl: the epoch's figures, from the run's sums."""
     return {
@@ -2483,15 +2413,6 @@ def review_predictions(predicted, reviews, n):
     return out
 
 
-def evaluation_of(predicted, losses, reviews, labels):
-    """The tutorial's accuracy_score over every review, with the macro F1 and the mean eval
-    loss (the Trainer's eval_loss); `reviews` says which review each prediction is."""
-    predicted, losses = (review_predictions(v, reviews, len(labels)) for v in (predicted, losses))
-    return {"accuracy": accuracy_score(labels, predicted),
-            "f1": f1_score(labels, predicted, average="macro"),
-            "eval_loss": float(losses.mean())}
-
-
 class Evaluations:
     """Every evaluation's figures; the best one (--metric-for-best-model), whose weights
     --load-best-model-at-end keeps in <output-dir>/best (<output-dir>/model at the end); and
@@ -2533,7 +2454,10 @@ class Evaluations:
     def stop_if_no_better(self):
         patience = self.args.early_stopping_patience
         if patience and self.state["since_best"] >= patience:
-            self.state["evaluations"][-1]["stopped_early"] = True
+            self.state["evaluations"][-1]["stopped_early"] = True  # the run is finished
+            self.progress.say(f"early stopping at step {self.state['global_step']:,}: "
+                              f"{counted(patience, 'evaluation')} in a row without a better "
+                              f"{self.args.metric_for_best_model}")
             raise EarlyStop(patience)
 
 
@@ -2551,10 +2475,6 @@ class Progress:
         self.out_dir, self.state, self.say = out_dir, state, say
         self.bar = self.board = self.plan = self.schedule = None
 
-    def say_stage_plan(self, model, plan, how):
-        self.say(f"pipeline stage plan ({self.args.stages} stages, {how})")
-        self.say(stage_table(model, plan))
-
     def start(self, model, plan, schedule, eval_batches, **summary):
         """Print what is about to run, then open the bar (a resumed run's where it stopped)."""
         args, self.plan, self.schedule = self.args, plan, schedule
@@ -2568,10 +2488,13 @@ class Progress:
         done = self.state["global_step"]
         self.bar = tqdm(total=position(plan.total), initial=position(done),
                         desc=f"{args.device} training", unit="it", disable=not self.ranks.is_main)
-        # A resumed run's scalars go on from its checkpoint: TensorBoard hides the ones a
-        # killed run wrote after it (purge_step), so no step is there twice.
-        self.board = tensorboard_writer(args, self.out_dir, done + 1 if done else None) \
-            if self.ranks.is_main else None
+        # --report-to tensorboard: scalars into <output-dir>/tensorboard. A resumed run's go on
+        # from its checkpoint: TensorBoard hides the ones a killed run wrote after it
+        # (purge_step), so no step is there twice.
+        if args.report_to == "tensorboard" and self.ranks.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+            self.board = SummaryWriter(str(self.out_dir / "tensorboard"),
+                                       purge_step=done + 1 if done else None)
 
     def write_results(self, extra=()):  # with the steps since the last reading, left in the sums
         if self.ranks.is_main:
@@ -2645,8 +2568,22 @@ class Progress:
 
 def summary_rows(args, data, padding, model, plan, schedule, eval_batches, step_rows,
                  accumulation, device, extra, out_dir):
-    """The summary's rows: the data, the batches, the optimizer steps, the bar, the model."""
-    step_samples, layout = batch_layout(args, data, padding, plan.per_epoch, step_rows)
+    """The summary's rows: the data, the batches (how texts fill them), the optimizer steps,
+    the bar, the model."""
+    step_samples, layout = step_rows, {"padding": f"{padding}, at most {args.max_length} tokens"}
+    left_out = len(data.train) - plan.per_epoch * step_rows
+    if data.packing:
+        step_samples = (f"{len(data.train) / plan.per_epoch:.1f} on average, in "
+                        f"{step_rows} rows of up to {args.max_per_row}")
+        layout = {
+            "padding": f"packed, up to {args.max_per_row} texts per row of {args.max_length} "
+                       "tokens",
+            "packing efficiency": f"{data.efficiency():.1%} of row tokens are text "
+                                  f"({data.efficiency(packed=False):.1%} padded to max_length)"}
+    elif left_out:  # the tutorial's drop_last: only whole optimizer steps
+        layout["left out each epoch"] = (
+            f"{counted(left_out, 'sample')} of {len(data.train):,}, too few for a whole "
+            "optimizer step (drop_last); a new shuffle picks them each epoch")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"device": device,
             "train examples": f"{len(data.train):,}",
@@ -2664,25 +2601,6 @@ def summary_rows(args, data, padding, model, plan, schedule, eval_batches, step_
             **layout,
             "trainable parameters": f"{trainable:,}",
             "output directory": out_dir}
-
-
-def batch_layout(args, data, padding, steps_per_epoch, step_rows):
-    """The summary's samples per optimizer step, and how texts fill the batches."""
-    if data.packing:
-        step_samples = (f"{len(data.train) / steps_per_epoch:.1f} on average, in "
-                        f"{step_rows} rows of up to {args.max_per_row}")
-        return step_samples, {
-            "padding": f"packed, up to {args.max_per_row} texts per row of {args.max_length} "
-                       "tokens",
-            "packing efficiency": f"{data.efficiency():.1%} of row tokens are text "
-                                  f"({data.efficiency(packed=False):.1%} padded to max_length)"}
-    layout = {"padding": f"{padding}, at most {args.max_length} tokens"}
-    left_out = len(data.train) - steps_per_epoch * step_rows
-    if left_out:  # the tutorial's drop_last: only whole optimizer steps
-        layout["left out each epoch"] = (
-            f"{counted(left_out, 'sample')} of {len(data.train):,}, too few for a whole "
-            "optimizer step (drop_last); a new shuffle picks them each epoch")
-    return step_rows, layout
 
 
 def describe_training(args, plan, schedule):
@@ -2706,28 +2624,22 @@ def describe_training(args, plan, schedule):
             "evaluation": evaluation}
 
 
-def tensorboard_writer(args, out_dir, purge_step=None):
-    """--report-to tensorboard: a writer of scalars into <output-dir>/tensorboard."""
-    if args.report_to != "tensorboard":
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-    return SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge_step)
-
-
 def counted(n, noun):
     """'1 micro-batch', '2 micro-batches', '1,024 samples'."""
     plural = noun + ("es" if noun.endswith(("ch", "sh", "s", "x")) else "s")
     return f"{n:,} {noun if n == 1 else plural}"
 
 
-def stage_table(model, plan):
+def stage_table(model, plan, how=None):
+    """Each stage's modules and parameters; `how` the stages are placed, in a title line."""
     rows = []
     for stage in sorted({s for _, s in plan}):
         names = [n for n, s in plan if s == stage]
         params = sum(p.numel() for n in names for p in model.get_submodule(n).parameters())
         rows.append((stage, compact_names(names), params))
     width = max(len(r[1]) for r in rows)
-    lines = [f"{'stage':>5}  {'modules':<{width}}  {'parameters':>10}"]
+    lines = [f"pipeline stage plan ({len(rows)} stages, {how})"] if how else []
+    lines += [f"{'stage':>5}  {'modules':<{width}}  {'parameters':>10}"]
     lines += [f"{s:>5}  {m:<{width}}  {p:>10,}" for s, m, p in rows]
     return "\n".join(lines)
 
@@ -2879,7 +2791,8 @@ class Checkpoints:
             snapshot = self.held.snapshot()
             if self.ranks.is_main:
                 save_checkpoint(self.out_dir, snapshot, self.state, self.args.keep)
-                drop_overwritten(self.out_dir)
+                # the new run has a checkpoint: the run it replaced can go
+                shutil.rmtree(self.out_dir / OVERWRITTEN, ignore_errors=True)
         if self.ranks.enabled:
             dist.barrier()
         return self.newest()
@@ -2950,13 +2863,9 @@ def fsync_path(path):
         os.close(fd)
 
 
-def rng_prefix(rank):
-    """Where a rank's random state is kept: each rank draws its own dropout masks."""
-    return "rng." if rank == 0 else f"rng.rank{rank}."
-
-
 def rng_state(rank):
-    prefix = rng_prefix(rank)
+    """A rank's random state (each rank draws its own dropout masks): tensors, and JSON."""
+    prefix = "rng." if rank == 0 else f"rng.rank{rank}."
     tensors = {prefix + "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         tensors.update({f"{prefix}cuda.{i}": s
@@ -2967,7 +2876,7 @@ def rng_state(rank):
 
 
 def set_rng_state(tensors, saved, rank):
-    prefix = rng_prefix(rank)
+    prefix = "rng." if rank == 0 else f"rng.rank{rank}."
     torch.set_rng_state(tensors[prefix + "torch"])
     cuda = [tensors[k] for k in sorted(tensors) if k.startswith(prefix + "cuda.")]
     if cuda and torch.cuda.is_available():
@@ -3104,17 +3013,13 @@ class TrainedState:
 Snapshot = collections.namedtuple("Snapshot", "weights tensors saved config tokenizer")
 
 
-def checkpoint_name(state):
-    """step-N mid-epoch, step-N-end after an epoch: names sort in the order they were taken."""
-    return f"step-{state['global_step']:08d}" + ("" if state["step"] else "-end")
-
-
 def save_checkpoint(out_dir, snapshot, state, keep):
     """Write TrainedState.snapshot() and the run's state as the newest checkpoint. With
     its config and tokenizer it is a model directory, as save_pretrained writes one:
     --predict and --model take a checkpoint of an unfinished run."""
-    root = out_dir / "checkpoints"
-    final = root / checkpoint_name(state)
+    # step-N mid-epoch, step-N-end after an epoch: names sort in the order they were taken.
+    final = out_dir / "checkpoints" / (f"step-{state['global_step']:08d}"
+                                       + ("" if state["step"] else "-end"))
     if final.exists():  # this very state is saved already (Ctrl-C right after a checkpoint)
         if not damaged_files(final):
             return final
@@ -3184,12 +3089,9 @@ def list_checkpoints(out_dir):
     return sorted(root.glob("step-*")) if root.is_dir() else []
 
 
-class DamagedCheckpoint(Exception):
-    pass
-
-
 def load_checkpoint(out_dir, held, on_ipu=False, say=print):
-    """Restore the newest intact checkpoint into a TrainedState; return the run state.
+    """Restore the newest intact checkpoint into a TrainedState; return the run state and
+    the checkpoint. All it holds is read and checked before anything is restored from it.
 
     A damaged checkpoint (its checksums, or files that do not read) is reported in
     one line and the one before it is tried: that is what --keep is for.
@@ -3199,30 +3101,21 @@ def load_checkpoint(out_dir, held, on_ipu=False, say=print):
         raise FinetuneError(f"no checkpoint in {out_dir}/checkpoints: nothing to resume")
     problems = []
     for path in reversed(checkpoints):
+        damaged = damaged_files(path)
         try:
-            return restore_checkpoint(path, held, on_ipu), path
-        except DamagedCheckpoint as why:
+            if damaged:
+                raise FinetuneError(f"{damaged[0]}: its checksum is not the one written with it")
+            state = read_json(path / "state.json")
+            weights, tensors = (load_file(path / name)
+                                for name in ("model.safetensors", "optimizer.safetensors"))
+            break
+        except Exception as exc:  # safetensors: truncated or unreadable
+            why = str(exc) if isinstance(exc, FinetuneError) else first_line(exc)
             say(f"warning: checkpoint {path} is damaged ({why}); trying the one before it")
             problems.append(f"{path.name}: {why}")
-    raise FinetuneError(f"no intact checkpoint in {out_dir}/checkpoints ({'; '.join(problems)})")
-
-
-SNAPSHOT_KEYS = ("optimizer", "rng", "rng_ranks", "processes", "processes_per_node")
-
-
-def restore_checkpoint(path, held, on_ipu):
-    """All a checkpoint holds, read and checked before anything is restored from it."""
-    damaged = damaged_files(path)
-    if damaged:
-        raise DamagedCheckpoint(f"{damaged[0]}: its checksum is not the one written with it")
-    try:
-        state = read_json(path / "state.json")
-        weights, tensors = (load_file(path / name)
-                            for name in ("model.safetensors", "optimizer.safetensors"))
-    except FinetuneError as exc:
-        raise DamagedCheckpoint(str(exc)) from None
-    except Exception as exc:  # safetensors: truncated or unreadable
-        raise DamagedCheckpoint(first_line(exc)) from None
+    else:
+        raise FinetuneError(f"no intact checkpoint in {out_dir}/checkpoints "
+                            f"({'; '.join(problems)})")
     expected = held.model.state_dict()
     if set(weights) != set(expected) or any(weights[k].shape != expected[k].shape for k in weights):
         raise FinetuneError(f"{path} was saved from another model architecture than --model")
@@ -3238,7 +3131,10 @@ def restore_checkpoint(path, held, on_ipu):
                             + resume_command(path.parent.parent, processes,
                                              saved.get("processes_per_node")))
     held.restore(weights, tensors, saved)
-    return state
+    return state, path
+
+
+SNAPSHOT_KEYS = ("optimizer", "rng", "rng_ranks", "processes", "processes_per_node")
 
 
 def resume_command(out_dir, processes=1, per_node=None):
@@ -3296,36 +3192,33 @@ def write_results(out_dir, state, pending=(), extra=()):
         plt.close(fig)
 
 
-def keep_best_model(out_dir, model, best, say):
-    """--load-best-model-at-end: <output-dir>/best, the best evaluation's model, becomes
-    <output-dir>/model (renamed: no second copy), as the Trainer's final model is the best;
-    a resumed run that found no better one has it there already. `model` gets its weights."""
-    final = out_dir / "model"
-    held = [d for d in (out_dir / BEST, final) if (d / "best.json").is_file()
-            and read_json(d / "best.json")["step"] == best["step"]]
-    if not held:
-        raise FinetuneError(f"{out_dir / BEST} does not hold the best evaluation's model (step "
-                            f"{best['step']}); it was removed or damaged")
-    if held[0] != final:
-        with writing(f"the best model to {final}"):
-            move_into_place(held[0], final)
-    drop_overwritten(out_dir)
-    model.load_state_dict(load_file(final / "model.safetensors"), strict=False)
-    figures = (f"accuracy {best['accuracy']:.3f}, f1 {best['f1']:.3f}, "
-               f"eval loss {best['eval_loss']:.4f}")
-    say(f"best model: step {best['step']:,} (epoch {best['epoch']:g}): {figures}")
-
-
 def save_model(out_dir, model, tokenizer, say, best=None):
-    """The fine-tuned model for from_pretrained, with the checksums --predict checks; with
-    --load-best-model-at-end (`best`: its evaluation) the best evaluation's."""
+    """The fine-tuned model for from_pretrained, with the checksums --predict checks. With
+    --load-best-model-at-end (`best`: its evaluation), <output-dir>/best, the best
+    evaluation's model, becomes <output-dir>/model (renamed: no second copy), as the
+    Trainer's final model is the best; a resumed run that found no better one has it there
+    already. `model` gets its weights."""
+    final = out_dir / "model"
+    if best is None:
+        with writing(f"the model to {final}"):
+            model.save_pretrained(final)
+            tokenizer.save_pretrained(final)
+            write_checksums(final)
+    else:
+        held = [d for d in (out_dir / BEST, final) if (d / "best.json").is_file()
+                and read_json(d / "best.json")["step"] == best["step"]]
+        if not held:
+            raise FinetuneError(f"{out_dir / BEST} does not hold the best evaluation's model "
+                                f"(step {best['step']}); it was removed or damaged")
+        if held[0] != final:
+            with writing(f"the best model to {final}"):
+                move_into_place(held[0], final)
+    shutil.rmtree(out_dir / OVERWRITTEN, ignore_errors=True)  # the run it replaced can go
     if best is not None:
-        return keep_best_model(out_dir, model, best, say)
-    with writing(f"the model to {out_dir / 'model'}"):
-        model.save_pretrained(out_dir / "model")
-        tokenizer.save_pretrained(out_dir / "model")
-        write_checksums(out_dir / "model")
-    drop_overwritten(out_dir)
+        model.load_state_dict(load_file(final / "model.safetensors"), strict=False)
+        figures = (f"accuracy {best['accuracy']:.3f}, f1 {best['f1']:.3f}, "
+                   f"eval loss {best['eval_loss']:.4f}")
+        say(f"best model: step {best['step']:,} (epoch {best['epoch']:g}): {figures}")
 
 
 # ----------------------------------------------------------------------------
@@ -3355,7 +3248,7 @@ def finetune_with_torch(args, device, model, plan, data, ranks, run):
     autocast_dtype, precision = choose_precision(args, device, ranks)  # section 20
     classifier = data.classifier(model)  # packed rows: section 11
     if ranks.stages > 1:
-        run.progress.say_stage_plan(model, plan, f"one stage per rank, {ranks.replicas} replica(s)")
+        run.say(stage_table(model, plan, f"one stage per rank, {ranks.replicas} replica(s)"))
         train_step, eval_step, optimizer, stage = pipeline_steps(
             classifier, plan, args, ranks, device, accumulation, data.token_types)
     else:
@@ -3429,8 +3322,7 @@ def torch_steps(model, eval_model, optimizer, args, device, accumulation, autoca
     # Autocast's weight cache must be off where the steps are captured in CUDA graphs.
     autocast = (lambda: torch.autocast(device.type, dtype=autocast_dtype, cache_enabled=False)) \
         if autocast_dtype else contextlib.nullcontext
-    loss_scale = LossScale(device) if autocast_dtype == torch.float16 else None
-    update = OptimizerStep(optimizer, args, device, loss_scale)
+    update = OptimizerStep(optimizer, args, device, loss_scaling=autocast_dtype == torch.float16)
 
     def train_step(batch, apply=True):
         """One optimizer step on device tensors; returns its loss, still on the device."""
@@ -3445,7 +3337,7 @@ def torch_steps(model, eval_model, optimizer, args, device, accumulation, autoca
             with no_sync() if no_sync else contextlib.nullcontext():
                 with autocast():
                     loss = model(**dict(zip(batch, micro))).loss / accumulation
-                (loss * loss_scale.scale if loss_scale else loss).backward()
+                update.scaled(loss).backward()
             total += loss.detach()
         total = ranks.mean_over_replicas(total)
         update.step(total, apply)
@@ -3455,7 +3347,8 @@ def torch_steps(model, eval_model, optimizer, args, device, accumulation, autoca
     def eval_step(batch):
         eval_model.eval()
         with autocast():
-            return eval_model(**model_inputs(batch)).logits.float()
+            return eval_model(**{k: v for k, v in batch.items()  # not the labels
+                                 if k not in ("labels", "loss_weights")}).logits.float()
 
     return train_step, eval_step
 
@@ -3484,9 +3377,14 @@ def evaluate(eval_step, loader, order, labels, progress, device="cpu", ranks=Non
         everyone = [None] * ranks.world
         dist.all_gather_object(everyone, mine)
         mine = [part for parts in everyone for part in parts]
+    # The tutorial's accuracy_score over every review, with the macro F1 and the mean eval
+    # loss (the Trainer's eval_loss).
     reviews, predicted, review_losses = (np.concatenate(parts) for parts in zip(*mine))
-    return (evaluation_of(predicted.reshape(-1), review_losses, reviews.reshape(-1), labels),
-            time.perf_counter() - start)
+    predicted, review_losses = (review_predictions(v.reshape(-1), reviews.reshape(-1), len(labels))
+                                for v in (predicted, review_losses))
+    return ({"accuracy": accuracy_score(labels, predicted),
+             "f1": f1_score(labels, predicted, average="macro"),
+             "eval_loss": float(review_losses.mean())}, time.perf_counter() - start)
 
 
 # ----------------------------------------------------------------------------
@@ -3574,11 +3472,6 @@ def torch_loader(ds, batches, pad_id, multiple=1, pin_memory=False):
     return torch.utils.data.DataLoader(ds, batch_sampler=batches,
                                        collate_fn=pad_collate(pad_id, multiple),
                                        generator=torch.Generator(), pin_memory=pin_memory)
-
-
-def model_inputs(batch):
-    """What a model reads of a batch: ids, mask (packed rows: and positions), not the labels."""
-    return {k: v for k, v in batch.items() if k not in ("labels", "loss_weights")}
 
 
 def to_device(batch, device):
@@ -3888,7 +3781,10 @@ def predict_texts(args):
     """--predict: each text's label and its probability, a line each, in the order given.
     A blank line of --predict-file gets the line `-<tab>-<tab>` (no text, no label), so
     that output line N is always input line N."""
-    from_file = read_lines(args.predict_file) if args.predict_file else []
+    from_file = []
+    if args.predict_file:  # lines as an editor numbers them: split at newlines only
+        lines = read_text(args.predict_file, "--predict-file").split("\n")
+        from_file = [line.strip() for line in (lines[:-1] if lines[-1] == "" else lines)]
     if args.predict_file and not any(from_file):
         raise FinetuneError(f"--predict-file {args.predict_file} holds no text")
     texts = args.texts + from_file
@@ -3899,23 +3795,18 @@ def predict_texts(args):
     return results
 
 
-def model_to_predict_with(path):
-    """--predict PATH: a saved model, a checkpoint (a model directory too), or a run's
-    output directory: its model, else (an unfinished run) its newest checkpoint."""
-    path = Path(path)
-    if not (path / "config.json").is_file() and (path / "args.json").is_file():
-        path = path / "model" if (path / "model").is_dir() else (list_checkpoints(path) or
-                                                                   [path])[-1]
-    if not (path / "config.json").is_file():
-        raise FinetuneError(f"--predict {path}: not a saved model (no config.json); use "
-                            "<output-dir>/model from a training run, one of its "
-                            "<output-dir>/checkpoints/step-*, or the output directory")
-    return path
-
-
 @torch.inference_mode()
 def predict(model_dir, texts, max_length=512, batch_size=32):
-    model_dir = model_to_predict_with(model_dir)
+    """model_dir: a saved model, a checkpoint (a model directory too), or a run's output
+    directory: its model, else (an unfinished run) its newest checkpoint."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file() and (model_dir / "args.json").is_file():
+        model_dir = model_dir / "model" if (model_dir / "model").is_dir() else (
+            list_checkpoints(model_dir) or [model_dir])[-1]
+    if not (model_dir / "config.json").is_file():
+        raise FinetuneError(f"--predict {model_dir}: not a saved model (no config.json); use "
+                            "<output-dir>/model from a training run, one of its "
+                            "<output-dir>/checkpoints/step-*, or the output directory")
     if not texts:
         raise FinetuneError("--predict: give texts to classify, or --predict-file")
     check_model_dir(model_dir)
@@ -3937,13 +3828,6 @@ def predict(model_dir, texts, max_length=512, batch_size=32):
         results += [(model.config.id2label[int(i)], float(p))
                     for p, i in zip(best.values, best.indices)]
     return results
-
-
-def read_lines(path):
-    """The file's lines as an editor numbers them: split at newlines only (splitlines()
-    would also split at form feeds and Unicode line separators inside a review)."""
-    lines = read_text(path, "--predict-file").split("\n")
-    return [line.strip() for line in (lines[:-1] if lines[-1] == "" else lines)]
 
 
 # ----------------------------------------------------------------------------

@@ -108,7 +108,8 @@ def test_a_checkpoint_killed_mid_write_leaves_the_previous_one(unbroken, monkeyp
     with pytest.raises(KeyboardInterrupt):
         fe.save_checkpoint(out, fe.TrainedState(model, optimizer).snapshot(), state, keep=2)
     assert fe.list_checkpoints(out) == before  # the half-written one is not listed
-    assert (out / "checkpoints" / f".{fe.checkpoint_name(state)}.tmp").exists()
+    name = f"step-{state['global_step']:08d}" + ("" if state["step"] else "-end")
+    assert (out / "checkpoints" / f".{name}.tmp").exists()
     restored, path = fe.load_checkpoint(out, fe.TrainedState(model, optimizer))
     assert path == before[-1] and restored["global_step"] == state["global_step"] - 1
 
