@@ -198,16 +198,16 @@ def test_fp16_loss_scaling_skips_an_overflowing_step_and_learns():
     args = fe.parse_args(["--fp16"])
     optimizer = fe.adamw(model.parameters(), 1e-3, cpu, 0.0)
     train_step, _ = fe.torch_steps(model, model, optimizer, args, cpu, 1, torch.float16, fe.Ranks())
-    loss_scale = next(cell.cell_contents for cell in train_step.__closure__  # the step's own
-                      if isinstance(cell.cell_contents, fe.OptimizerStep))
+    update = next(cell.cell_contents for cell in train_step.__closure__  # the step's own
+                  if isinstance(cell.cell_contents, fe.OptimizerStep))
     batch = {"input_ids": torch.randint(1000, 1100, (8, 16)), "labels": torch.tensor([0, 1] * 4)}
     batch["input_ids"][batch["labels"] == 1, 0] = 2000  # a token that tells the label
-    loss_scale.scale.fill_(2.0 ** 100)  # float16 gradients overflow at this scale
+    update.scale.fill_(2.0 ** 100)  # float16 gradients overflow at this scale
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     assert torch.isfinite(train_step(batch))
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())  # skipped
-    assert float(loss_scale.scale) == 2.0 ** 99  # and the scale halved
-    loss_scale.scale.fill_(2.0 ** 10)
+    assert float(update.scale) == 2.0 ** 99  # and the scale halved
+    update.scale.fill_(2.0 ** 10)
     losses = [float(train_step(batch)) for _ in range(30)]
     assert losses[-1] < 0.5 * losses[0]
 
