@@ -2226,9 +2226,10 @@ class Run:
         self.padding = padding  # how batches are padded: section 10
         self.state = new_state()  # one dict, shared with the parts
         self.progress = Progress(args, ranks, data, padding, out_dir, self.state, say)
-        self.checkpoints = Checkpoints(args, out_dir, ranks, tokenizer, self.state, say)
+        self.stop = StopRequest()  # Ctrl-C, SIGTERM end the run cleanly (section 15)
+        self.checkpoints = Checkpoints(args, out_dir, ranks, tokenizer, self.state, self.stop, say)
         self.evaluations = Evaluations(args, self.state, self.checkpoints, self.progress)
-        self.stop = self.plan = self.schedule = self.evaluate = None  # from start()
+        self.plan = self.schedule = self.evaluate = None  # from start()
         self.last = self.epoch_start = time.perf_counter()
 
     def start(self, model, steps_per_epoch, evaluate, multiple=1, warmup_seconds=0.0, **summary):
@@ -2240,7 +2241,7 @@ class Run:
         self.state["steps_per_epoch"] = steps_per_epoch  # is_finished reads it
         self.schedule = Schedule(self.args, self.plan.total)
         self.progress.start(model, self.plan, self.schedule, **summary)
-        self.stop = self.checkpoints.stop = StopRequest()
+        self.stop.install()
 
     def epochs(self):  # from where a resumed run stopped
         for epoch in range(self.state["epoch"], self.plan.epochs):
@@ -2315,9 +2316,7 @@ class Run:
 
     def close(self, stopping=False):
         self.progress.close()
-        if self.stop is not None:
-            self.stop.restore(stopping)
-            self.stop = self.checkpoints.stop = None
+        self.stop.restore(stopping)
 
 
 def non_finite_loss(run, value, updates_applied):
@@ -2675,14 +2674,18 @@ class StopRequest:
 
     def __init__(self):
         self.signal, self.in_save, self.deferred = None, False, False
+        self.previous = {}  # the handlers from before, while this one's are installed
+
+    def install(self):  # from the run's first step: before it, Ctrl-C just ends the process
         self.previous = {sig: signal.signal(sig, self.handle)
                          for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def restore(self, stopping=False):
-        """The handlers from before; a run that a signal stops ignores any further one
+        """The handlers from before, once; a run that a signal stops ignores any further one
         (a Ctrl-C on the way out would cut its exit into a traceback)."""
         for sig, handler in self.previous.items():
             signal.signal(sig, signal.SIG_IGN if stopping else handler)
+        self.previous = {}
 
     def handle(self, signum, frame):
         if self.signal is None:
@@ -2757,11 +2760,10 @@ class Checkpoints:
     is taken, and --resume. Where the host has the current weights mid-epoch (CUDA/CPU):
     every --save-every steps and at a stop request; always at the end of an epoch."""
 
-    def __init__(self, args, out_dir, ranks, tokenizer, state, say):
+    def __init__(self, args, out_dir, ranks, tokenizer, state, stop, say):
         self.args, self.out_dir, self.ranks, self.tokenizer = args, out_dir, ranks, tokenizer
-        self.state, self.say = state, say
+        self.state, self.stop, self.say = state, stop, say  # stop: the run's StopRequest
         self.held, self.mid_epoch = None, False  # a TrainedState once a flow has its optimizer
-        self.stop = None  # the run's StopRequest, while it trains
 
     def hold(self, model, optimizer, mid_epoch, stage=None):
         """What checkpoints hold from now on; mid_epoch: the host has the current weights
@@ -2787,7 +2789,7 @@ class Checkpoints:
     def save(self, then_stop=True):
         """A checkpoint, which a second Ctrl-C does not cut short (then_stop: it stops the
         run once the checkpoint is written); returns the newest checkpoint."""
-        with self.stop.saving(then_stop) if self.stop else contextlib.nullcontext():
+        with self.stop.saving(then_stop):
             snapshot = self.held.snapshot()
             if self.ranks.is_main:
                 save_checkpoint(self.out_dir, snapshot, self.state, self.args.keep)
