@@ -551,10 +551,10 @@ def build_parser():
                       type=lambda v: {"group_by_length": "yes", "random": "no"}.get(v, v),
                       help="transformers 5's name: group_by_length (--group-by-length yes) or "
                       "random (no)")
-    data.add_argument("--train-samples", type=int, help="train on a random subset of this size "
-                      "(seeded)")
-    data.add_argument("--eval-samples", type=int, help="evaluate on a random subset of this size "
-                      "(seeded)")
+    data.add_argument("--train-samples", type=int,
+                      help="train on a random subset of this size (seeded)")
+    data.add_argument("--eval-samples", type=int,
+                      help="evaluate on a random subset of this size (seeded)")
 
     add_training_arguments(p)
 
@@ -2865,9 +2865,8 @@ def fsync_path(path):
         os.close(fd)
 
 
-def rng_state(rank):
-    """A rank's random state (each rank draws its own dropout masks): tensors, and JSON."""
-    prefix = "rng." if rank == 0 else f"rng.rank{rank}."
+def rng_state(prefix):
+    """The random generators' state: tensors (named from `prefix`), and JSON."""
     tensors = {prefix + "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         tensors.update({f"{prefix}cuda.{i}": s
@@ -2877,8 +2876,7 @@ def rng_state(rank):
                      "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
 
 
-def set_rng_state(tensors, saved, rank):
-    prefix = "rng." if rank == 0 else f"rng.rank{rank}."
+def set_rng_state(tensors, saved, prefix):
     torch.set_rng_state(tensors[prefix + "torch"])
     cuda = [tensors[k] for k in sorted(tensors) if k.startswith(prefix + "cuda.")]
     if cuda and torch.cuda.is_available():
@@ -2942,6 +2940,10 @@ class TrainedState:
         return {name[len(prefix):]: value for name, value in module.state_dict().items()
                 if name[len(prefix):] in saved}
 
+    @staticmethod
+    def rng_prefix(rank):  # each rank draws its own dropout masks: its own random state
+        return "rng." if rank == 0 else f"rng.rank{rank}."
+
     def _optimizer_prefix(self):
         return "" if self.stage is None else f"stage{self.ranks.stage}."
 
@@ -2949,7 +2951,7 @@ class TrainedState:
         """This rank's share: its random state, and on replica 0 of each stage its weights
         and optimizer state (the other replicas hold copies of them)."""
         ranks = self.ranks
-        tensors, rng_json = rng_state(ranks.rank)
+        tensors, rng_json = rng_state(self.rng_prefix(ranks.rank))
         part = {"weights": {}, "tensors": tensors, "rng": rng_json, "stage": ranks.stage}
         if ranks.replica == 0:
             part["weights"] = {k: v.detach().cpu() for k, v in self._weights().items()}
@@ -3005,7 +3007,7 @@ class TrainedState:
                                 "this script; start a new run") from None
         rngs = saved.get("rng_ranks") or {"0": saved["rng"]}  # "rng": older checkpoints
         rank = ranks.rank if str(ranks.rank) in rngs else 0
-        set_rng_state(tensors, rngs[str(rank)], rank)
+        set_rng_state(tensors, rngs[str(rank)], self.rng_prefix(rank))
 
 
 # What a checkpoint holds, gathered on rank 0: the weights (model.safetensors); the optimizer's
