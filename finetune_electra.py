@@ -1118,7 +1118,7 @@ def describe_run(out_dir):
         return None
     settings = run_settings(out_dir, unknown_if_damaged=True)
     epochs = settings.get("epochs", "?")
-    if is_finished(out_dir, settings):
+    if is_finished(out_dir, settings, lines):
         accuracy = [m["accuracy"] for m in lines if "accuracy" in m][-1:]
         steps = newest_state(out_dir).get("global_step", 0)
         trained = (f"{steps:,} optimizer steps" if settings.get("max_steps")
@@ -1128,13 +1128,14 @@ def describe_run(out_dir):
     return f"an unfinished run: {len(metrics)} of {epochs} epochs done, {newest}"
 
 
-def is_finished(out_dir, settings=None):
-    """Its model saved, and (its settings as last asked: `settings`, else its own) stopped
-    early, or its newest checkpoint at the last step its --max-steps or --epochs ask for."""
+def is_finished(out_dir, settings=None, lines=None):
+    """Its model saved, and (its settings as last asked; `lines`: its metric_lines; each
+    read here where not given) stopped early, or its newest checkpoint at the last step its
+    --max-steps or --epochs ask for."""
     if not (out_dir / "model").is_dir():
         return False
-    lines = metric_lines(out_dir)
-    settings = settings or run_settings(out_dir, unknown_if_damaged=True)
+    lines = metric_lines(out_dir) if lines is None else lines
+    settings = run_settings(out_dir, unknown_if_damaged=True) if settings is None else settings
     if any(m.get("stopped_early") for m in lines):
         return True
     if not any("train_loss" in m for m in lines):
@@ -1210,7 +1211,7 @@ def epoch_lines(lines):
 def refuse_finished_resume(args):
     """--resume of a finished run (is_finished): nothing on disk changes."""
     lines = metric_lines(args.resume)
-    if is_finished(args.resume, vars(args)):
+    if is_finished(args.resume, vars(args), lines):
         done, steps = len(epoch_lines(lines)), newest_state(args.resume).get("global_step", 0)
         more = (f"it stopped early at step {lines[-1]['step']:,}; start a new run to train on"
                 if any(m.get("stopped_early") for m in lines) else
