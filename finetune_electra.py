@@ -912,13 +912,13 @@ class Ranks:
         if self.enabled and self.is_main:
             dist.barrier()
 
-    def mean_over_replicas(self, value):
-        """A loss as the whole optimizer step saw it: averaged over the replicas."""
+    def average_over_replicas(self, tensor):
+        """In place, the mean of every replica's `tensor`: a step's loss as the whole step saw
+        it, or a gradient."""
         if self.replicas > 1:
-            value = value.clone()
-            dist.all_reduce(value, group=self.dp_group)
-            value /= self.replicas
-        return value
+            dist.all_reduce(tensor, group=self.dp_group)
+            tensor /= self.replicas
+        return tensor
 
 
 TORCH_VERSION = tuple(int(part) for part in torch.__version__.split(".")[:2])  # (2, 13)
@@ -2809,7 +2809,8 @@ class Checkpoints:
         snapshot = self.held.snapshot(with_optimizer=False)  # None on the other ranks
         if self.ranks.is_main:
             with writing(f"the best model to {self.out_dir / BEST}"):
-                write_model_dir(self.out_dir / BEST, snapshot, {"best.json": entry})
+                write_model_dir(self.out_dir / BEST, lambda folder: write_model_files(
+                    folder, snapshot, {"best.json": entry}))
 
 
 CHECKSUMS = "checksums.json"
@@ -3030,8 +3031,8 @@ def save_checkpoint(out_dir, snapshot, state, keep):
             return final
         shutil.rmtree(final)  # the damaged copy a resumed run fell back from
     try:
-        write_model_dir(final, snapshot, {"optimizer.safetensors": snapshot.tensors,
-                                          "state.json": {**state, **snapshot.saved}})
+        write_model_dir(final, lambda folder: write_model_files(folder, snapshot, {
+            "optimizer.safetensors": snapshot.tensors, "state.json": {**state, **snapshot.saved}}))
     except OSError as exc:  # a full disk: the previous checkpoint stays the newest, intact
         previous = list_checkpoints(out_dir)
         kept = f"the newest intact one is {previous[-1]}" if previous else "no earlier one"
@@ -3044,7 +3045,7 @@ def save_checkpoint(out_dir, snapshot, state, keep):
 
 def write_model_files(folder, snapshot, extra):
     """A model directory (a Snapshot's weights, config, tokenizer) with `extra` files
-    (tensors, or JSON), checksummed and flushed to disk."""
+    (tensors, or JSON)."""
     save_file({k: v.contiguous() for k, v in snapshot.weights.items()},
               folder / "model.safetensors", metadata={"format": "pt"})
     snapshot.config.save_pretrained(folder)
@@ -3055,21 +3056,22 @@ def write_model_files(folder, snapshot, extra):
             save_file(content, folder / name)
         else:
             (folder / name).write_text(json.dumps(content))
-    write_checksums(folder)
-    for f in folder.iterdir():
-        fsync_path(f)
-    fsync_path(folder)
 
 
-def write_model_dir(final, snapshot, extra):
-    """write_model_files into a temporary directory renamed into place (the rename flushed
-    too): a kill mid-write leaves the previous one; a failed write (a full disk) leaves no
-    temporary directory."""
+def write_model_dir(final, *writes):
+    """What each `write(folder)` writes, in a temporary directory, checksummed, flushed to disk
+    and renamed into place (the rename flushed too): a kill mid-write leaves the previous one;
+    a failed write (a full disk) leaves no temporary directory."""
     tmp = final.with_name(f".{final.name}.tmp")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        write_model_files(tmp, snapshot, extra)
+        for write in writes:
+            write(tmp)
+        write_checksums(tmp)
+        for f in tmp.iterdir():
+            fsync_path(f)
+        fsync_path(tmp)
         move_into_place(tmp, final)
         fsync_path(final.parent)
     except OSError:
@@ -3205,10 +3207,8 @@ def save_model(out_dir, model, tokenizer, say, best=None):
     already. `model` gets its weights."""
     final = out_dir / "model"
     if best is None:
-        with writing(f"the model to {final}"):
-            model.save_pretrained(final)
-            tokenizer.save_pretrained(final)
-            write_checksums(final)
+        with writing(f"the model to {final}"):  # as a checkpoint: a kill mid-write leaves none
+            write_model_dir(final, model.save_pretrained, tokenizer.save_pretrained)
     else:
         held = [d for d in (out_dir / BEST, final) if (d / "best.json").is_file()
                 and read_json(d / "best.json")["step"] == best["step"]]
@@ -3344,8 +3344,7 @@ def torch_steps(model, eval_model, optimizer, args, device, accumulation, autoca
                     loss = model(**dict(zip(batch, micro))).loss / accumulation
                 update.scaled(loss).backward()
             total += loss.detach()
-        total = ranks.mean_over_replicas(total)
-        update.step(total, apply)
+        update.step(ranks.average_over_replicas(total), apply)
         return total
 
     @torch.no_grad()
@@ -3748,11 +3747,9 @@ def pipeline_steps(classifier, plan, args, ranks, device, accumulation, token_ty
         loss = torch.stack(losses).mean().detach() if last else torch.zeros((), device=device)
         dist.all_reduce(loss)
         loss /= ranks.replicas
-        if ranks.replicas > 1:
-            for param in stage_module.parameters():
-                if param.grad is not None:
-                    dist.all_reduce(param.grad, group=ranks.dp_group)
-                    param.grad /= ranks.replicas
+        for param in stage_module.parameters():
+            if param.grad is not None:
+                ranks.average_over_replicas(param.grad)
         update.step(loss)  # every rank knows the loss: all skip a non-finite one alike
         return loss
 

@@ -7,6 +7,7 @@ each kind of file gets damaged copies (truncated, bit-flipped, emptied, wrong en
 import shutil
 
 import pytest
+import transformers
 
 import finetune_electra as fe
 from conftest import cli_error, run_args, sentiment_frame
@@ -222,6 +223,28 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_one(monkeypatch, cap
             f"(No space left on device); the newest intact one is {first}") in err
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000010"]  # no .tmp
     assert fe.damaged_files(first) == []
+
+
+def test_a_full_disk_while_saving_the_model_leaves_no_half_written_one(monkeypatch, capsys,
+                                                                      tiny_model_dir,
+                                                                      sentiment_dir, tmp_path):
+    """Issue 37: model/ was written in place, so a write cut short left a model directory
+    that --predict would read; it is written as a checkpoint is, and a resume writes it."""
+    save_pretrained = transformers.PreTrainedModel.save_pretrained
+
+    def fills_the_disk(model, folder, **kwargs):
+        save_pretrained(model, folder, **kwargs)  # the weights fit, the tokenizer's files not
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", fills_the_disk)
+    err = cli_error(capsys, run_args(tiny_model_dir, sentiment_dir, tmp_path, "--epochs", "1"))
+    assert f"could not write the model to {tmp_path / 'model'} (No space left on device)" in err
+    assert sorted(p.name for p in tmp_path.iterdir() if "model" in p.name) == []  # nor a .tmp
+    monkeypatch.undo()
+    fe.main(["--resume", str(tmp_path)])  # its last checkpoint is the end: the model is written
+    assert fe.damaged_files(tmp_path / "model") == []
+    assert (tmp_path / "model" / "checksums.json").is_file()
+    assert len(fe.epoch_lines(fe.metric_lines(tmp_path))) == 1  # no epoch trained again
 
 
 def test_texts_without_predict_are_refused_not_ignored(capsys, tmp_path):
