@@ -3206,8 +3206,8 @@ def save_model(out_dir, model, tokenizer, say, best=None):
     Trainer's final model is the best; a resumed run that found no better one has it there
     already. `model` gets its weights."""
     final = out_dir / "model"
-    if best is None:
-        with writing(f"the model to {final}"):  # as a checkpoint: a kill mid-write leaves none
+    if best is None:  # as checkpoints are: a kill mid-write leaves no half-written model
+        with writing(f"the model to {final}"):
             write_model_dir(final, model.save_pretrained, tokenizer.save_pretrained)
     else:
         held = [d for d in (out_dir / BEST, final) if (d / "best.json").is_file()
