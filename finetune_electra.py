@@ -1178,19 +1178,21 @@ def run_settings(out_dir, unknown_if_damaged=False):
     run all the same, whose settings are unknown ({}), not an error."""
     try:
         settings = read_json(out_dir / "args.json")
+        if not isinstance(settings, dict):  # valid JSON, but not the flags this script wrote
+            raise FinetuneError(f"{out_dir / 'args.json'} is not a run's settings (a JSON "
+                                "object of its flags)")
         for line in (read_text(out_dir / "resumes.jsonl").splitlines()
                      if (out_dir / "resumes.jsonl").is_file() else []):
             try:
-                changed = json.loads(line)["changed"]
-            except (ValueError, KeyError, TypeError):
+                settings.update({k: new for k, (_, new) in json.loads(line)["changed"].items()})
+            except (ValueError, KeyError, TypeError, AttributeError):
                 raise FinetuneError(f"{out_dir / 'resumes.jsonl'} is damaged (a line is not a "
                                     "resume record)") from None
-            settings.update({k: new for k, (_, new) in changed.items()})
     except FinetuneError:
         if not unknown_if_damaged:
             raise
         return {}
-    return settings if isinstance(settings, dict) or not unknown_if_damaged else {}
+    return settings
 
 
 def metric_lines(out_dir):
@@ -3784,7 +3786,9 @@ def predict_texts(args):
     A blank line of --predict-file gets the line `-<tab>-<tab>` (no text, no label), so
     that output line N is always input line N."""
     from_file = []
-    if args.predict_file:  # lines as an editor numbers them: split at newlines only
+    # Lines as an editor numbers them: split at newlines only (splitlines() would also split
+    # at form feeds and Unicode line separators inside a review).
+    if args.predict_file:
         lines = read_text(args.predict_file, "--predict-file").split("\n")
         from_file = [line.strip() for line in (lines[:-1] if lines[-1] == "" else lines)]
     if args.predict_file and not any(from_file):

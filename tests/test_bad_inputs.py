@@ -160,13 +160,27 @@ def test_a_model_directory_damaged_after_it_was_written_is_found_by_its_checksum
     assert "model.safetensors is damaged: its checksum is not the one written with it" in err
 
 
-@pytest.mark.parametrize("damage", [truncated, bit_flipped, emptied, utf16])
+def not_an_object(path):  # valid JSON, but not the flags the script wrote
+    path.write_text("[1, 2]")
+
+
+@pytest.mark.parametrize("damage", [truncated, bit_flipped, emptied, utf16, not_an_object])
 def test_a_damaged_args_json_is_named(capsys, finished_run, tmp_path, damage):
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
     damage(run / "args.json")
     err = cli_error(capsys, ["--resume", str(run), "--epochs", "2"])
     assert f"{run / 'args.json'} is not" in err
+
+
+@pytest.mark.parametrize("record", ['{"changed": [1]}', '{"changed": {"epochs": 3}}', "[]"])
+def test_a_damaged_resume_record_is_named(capsys, finished_run, tmp_path, record):
+    """A line of resumes.jsonl that is JSON but not a resume record was a traceback."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "resumes.jsonl").write_text(record + "\n")
+    err = cli_error(capsys, ["--resume", str(run), "--epochs", "2"])
+    assert f"{run / 'resumes.jsonl'} is damaged (a line is not a resume record)" in err
 
 
 @pytest.mark.parametrize("damage", [bit_flipped, lambda p: p.write_bytes("café".encode("latin-1"))])
